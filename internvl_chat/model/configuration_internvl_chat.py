@@ -1,0 +1,104 @@
+"""Configuration of InternVLChatModel: a vision config, an LLM config and the fields that join them.
+
+`llm_config` is dispatched on `architectures[0]`, as in the original: InternLM2 uses our own config class,
+Llama, Qwen2 and Phi3 use the transformers ones.
+"""
+import copy
+
+from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
+
+from .configuration_intern_vit import InternVisionConfig
+from .configuration_internlm2 import InternLM2Config
+
+LLM_CONFIG_CLASSES = {
+    "LlamaForCausalLM": LlamaConfig,
+    "InternLM2ForCausalLM": InternLM2Config,
+    "Phi3ForCausalLM": Phi3Config,
+    "Qwen2ForCausalLM": Qwen2Config,
+}
+
+
+def _modernize_phi3_rope(llm_config: dict) -> dict:
+    """Phi-3 checkpoints of 2024 write rope_scaling {"type": "su", short_factor, long_factor}; transformers 5
+    calls the same scheme "longrope" and wants original_max_position_embeddings inside the dict."""
+    scaling = llm_config.get("rope_scaling")
+    if not isinstance(scaling, dict) or scaling.get("type") not in ("su", "longrope"):
+        return llm_config
+    llm_config = dict(llm_config)
+    llm_config["rope_scaling"] = {
+        "rope_type": "longrope",
+        "short_factor": scaling["short_factor"],
+        "long_factor": scaling["long_factor"],
+        "original_max_position_embeddings": llm_config.get("original_max_position_embeddings", 4096),
+        "rope_theta": llm_config.get("rope_theta", 10000.0),
+    }
+    return llm_config
+
+
+def build_llm_config(llm_config: dict | PretrainedConfig | None) -> PretrainedConfig:
+    if isinstance(llm_config, PretrainedConfig):
+        return llm_config
+    llm_config = dict(llm_config or {"architectures": ["InternLM2ForCausalLM"]})
+    arch = (llm_config.get("architectures") or ["InternLM2ForCausalLM"])[0]
+    if arch not in LLM_CONFIG_CLASSES:
+        raise ValueError(f"Unsupported llm architecture {arch!r}; expected one of {sorted(LLM_CONFIG_CLASSES)}")
+    if arch == "Phi3ForCausalLM":
+        llm_config = _modernize_phi3_rope(llm_config)
+    return LLM_CONFIG_CLASSES[arch](**llm_config)
+
+
+class InternVLChatConfig(PretrainedConfig):
+    model_type = "internvl_chat"
+    is_composition = True
+
+    def __init__(
+        self,
+        vision_config=None,
+        llm_config=None,
+        use_backbone_lora=0,
+        use_llm_lora=0,
+        pad2square=False,
+        select_layer=-1,
+        force_image_size=None,
+        downsample_ratio=0.5,
+        template=None,
+        dynamic_image_size=False,
+        use_thumbnail=False,
+        ps_version="v1",
+        min_dynamic_patch=1,
+        max_dynamic_patch=6,
+        **kwargs,
+    ):
+        if isinstance(vision_config, InternVisionConfig):
+            self.vision_config = vision_config
+        else:
+            self.vision_config = InternVisionConfig(**(vision_config or {}))
+        self.llm_config = build_llm_config(llm_config)
+        self.use_backbone_lora = use_backbone_lora
+        self.use_llm_lora = use_llm_lora
+        self.pad2square = pad2square
+        self.select_layer = select_layer
+        self.force_image_size = force_image_size
+        self.downsample_ratio = downsample_ratio
+        self.template = template
+        self.dynamic_image_size = dynamic_image_size
+        self.use_thumbnail = use_thumbnail
+        self.ps_version = ps_version
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+        kwargs.pop("hidden_size", None)  # always derived from the LLM
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+        self.hidden_size = self.llm_config.hidden_size
+        self.llm_config.tie_word_embeddings = False
+
+    @property
+    def tile_size(self) -> int:
+        return self.force_image_size or self.vision_config.image_size
+
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, copy.deepcopy(value, memo))
+        return clone

@@ -1,0 +1,306 @@
+"""InternLM2, the language model of InternVL2-2B/8B/26B, written against transformers 5.
+
+The checkpoint layout is kept exactly: `attention.wqkv` stays one fused projection whose output rows form
+num_key_value_heads groups of [q_0 .. q_{G-1}, k, v] (G = heads per kv head), so original weights and LoRA
+adapters trained on the fused matrix load unchanged. RoPE is the rotate-half (NeoX) form with optional linear
+or dynamic-NTK scaling. Attention goes through transformers' dispatch table (eager / sdpa / flash / flex).
+"""
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm as InternLM2RMSNorm
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .configuration_internlm2 import InternLM2Config
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class InternLM2RotaryEmbedding(nn.Module):
+    """cos/sin for the given positions, computed in fp32; linear scaling divides positions by the factor,
+    dynamic NTK enlarges the base only when the sequence is longer than max_position_embeddings."""
+
+    def __init__(self, config: InternLM2Config):
+        super().__init__()
+        self.dim = config.hidden_size // config.num_attention_heads
+        self.base = float(config.rope_theta)
+        self.max_position_embeddings = config.max_position_embeddings
+        scaling = config.rope_scaling or {}
+        self.scaling_type, self.scaling_factor = scaling.get("type"), float(scaling.get("factor", 1.0))
+        self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
+
+    def _inv_freq(self, base: float, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (base**exponents)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids.float()
+        inv_freq = self.inv_freq
+        if self.scaling_type == "linear":
+            positions = positions / self.scaling_factor
+        elif self.scaling_type == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.max_position_embeddings:
+                ratio = self.scaling_factor * seq_len / self.max_position_embeddings - (self.scaling_factor - 1)
+                inv_freq = self._inv_freq(self.base * ratio ** (self.dim / (self.dim - 2)), x.device)
+        freqs = positions[:, :, None] * inv_freq.to(x.device)[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, config: InternLM2Config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class InternLM2Attention(nn.Module):
+    def __init__(self, config: InternLM2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        if self.head_dim * self.num_heads != config.hidden_size:
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.wqkv = nn.Linear(
+            config.hidden_size, (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim, bias=config.bias
+        )
+        self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused wqkv output [B, L, rows] -> q [B, H, L, hd], k and v [B, H_kv, L, hd]."""
+        batch, length, _ = qkv.shape
+        grouped = qkv.view(batch, length, self.num_key_value_heads, self.num_key_value_groups + 2, self.head_dim)
+        q = grouped[..., : self.num_key_value_groups, :].reshape(batch, length, self.num_heads, self.head_dim)
+        k, v = grouped[..., -2, :], grouped[..., -1, :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        q, k, v = self.split_qkv(self.wqkv(hidden_states))
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.wo(out.reshape(batch, length, -1))
+
+
+class InternLM2DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: InternLM2Config, layer_idx: int):
+        super().__init__()
+        self.attention = InternLM2Attention(config, layer_idx)
+        self.feed_forward = InternLM2MLP(config)
+        self.attention_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(
+            self.attention_norm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
+
+
+class InternLM2PreTrainedModel(PreTrainedModel):
+    config_class = InternLM2Config
+    config: InternLM2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternLM2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, InternLM2RotaryEmbedding) and not module.inv_freq.is_meta:
+            # A non-persistent buffer: from_pretrained allocates it empty, so it is refilled here.
+            init.copy_(module.inv_freq, module._inv_freq(module.base, module.inv_freq.device))
+
+
+class InternLM2Model(InternLM2PreTrainedModel):
+    def __init__(self, config: InternLM2Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = InternLM2RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        # transformers >= 5.24 passes the cache as `cache`; accept both names.
+        past_key_values = kwargs.pop("cache", past_key_values)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_embeddings(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        output_hidden_states = output_hidden_states or self.config.output_hidden_states
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values if use_cache else None,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: InternLM2Config):
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.vocab_size = config.vocab_size
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, new_embeddings):
+        self.output = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        past_key_values = kwargs.pop("cache", past_key_values)
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.output(hidden_states[:, keep, :]).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
+            )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if not return_dict:
+            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )

@@ -1,0 +1,372 @@
+"""InternVLChatModel: InternViT -> pixel shuffle -> mlp1 -> an LLM, with image features written into the LLM's
+input embeddings at the <IMG_CONTEXT> positions.
+
+Attribute names are the original's (`vision_model`, `mlp1`, `language_model`), so they are also the checkpoint
+key prefixes. LoRA adapters are wrapped in the constructor from `use_llm_lora` / `use_backbone_lora`, which is
+what lets an unmerged LoRA training output load directly.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, LlamaForCausalLM, Phi3ForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import is_flash_attn_2_available
+
+from .configuration_internvl_chat import InternVLChatConfig
+from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
+from .modeling_intern_vit import InternVisionModel
+from .modeling_internlm2 import InternLM2ForCausalLM
+
+LLM_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+# The original's LoRA targets per LLM family; PEFT matches them as module-name suffixes.
+LLM_LORA_TARGETS = {
+    "InternLM2ForCausalLM": [
+        "attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+    ],
+    "Phi3ForCausalLM": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
+    "Qwen2ForCausalLM": [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj",
+    ],
+}
+LLM_LORA_TARGETS["LlamaForCausalLM"] = LLM_LORA_TARGETS["Qwen2ForCausalLM"]
+BACKBONE_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def default_attn_implementation() -> str:
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
+    """[N, R, C, D] patch grid -> [N, R*s, C*s, D/s^2] for s = scale_factor (0.5 merges 2x2 patches).
+
+    Output token (i, j) holds the patches (s_i + dy, s_j + dx) concatenated with dy major, dx minor.
+    v2 keeps tokens row-major; v1 (the config default, kept for old checkpoints) emits them column-major.
+    """
+    n, rows, cols, dim = x.shape
+    step = int(round(1 / scale_factor))
+    x = x.reshape(n, rows // step, step, cols // step, step, dim)
+    if ps_version == "v1":
+        x = x.permute(0, 3, 1, 2, 4, 5)  # (N, C/s, R/s, dy, dx, D)
+    else:
+        x = x.permute(0, 1, 3, 2, 4, 5)  # (N, R/s, C/s, dy, dx, D)
+    return x.reshape(n, x.shape[1], x.shape[2], step * step * dim)
+
+
+class InternVLChatModel(PreTrainedModel):
+    config_class = InternVLChatConfig
+    config: InternVLChatConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "language_model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "InternVisionModel", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer", "Qwen2DecoderLayer",
+    ]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    # forward() computes its own mean loss: Trainer must not rescale it by the number of items (ENVIRONMENT §2.4).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None, use_flash_attn=None):
+        requested_attn = config._attn_implementation
+        super().__init__(config)
+        if use_flash_attn is not None:
+            requested_attn = "flash_attention_2" if use_flash_attn else "eager"
+        attn = requested_attn if isinstance(requested_attn, str) else default_attn_implementation()
+        config._attn_implementation = attn
+        config.vision_config._attn_implementation = attn
+        config.vision_config.use_flash_attn = attn == "flash_attention_2"
+        config.llm_config._attn_implementation = attn
+
+        vision_config = config.vision_config
+        image_size = config.force_image_size or vision_config.image_size
+        self.patch_size = vision_config.patch_size
+        self.select_layer = config.select_layer
+        self.template = config.template
+        self.downsample_ratio = config.downsample_ratio
+        self.ps_version = config.ps_version
+        self.num_image_token = int((image_size // self.patch_size) ** 2 * config.downsample_ratio**2)
+
+        arch = config.llm_config.architectures[0]
+        if arch not in LLM_CLASSES:
+            raise ValueError(f"Unsupported LLM architecture {arch!r}; expected one of {sorted(LLM_CLASSES)}")
+        self.vision_model = vision_model if vision_model is not None else InternVisionModel(vision_config)
+        self.language_model = language_model if language_model is not None else LLM_CLASSES[arch](config.llm_config)
+
+        vit_hidden = vision_config.hidden_size
+        llm_hidden = config.llm_config.hidden_size
+        merged = vit_hidden * int(round(1 / config.downsample_ratio)) ** 2
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(merged), nn.Linear(merged, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden)
+        )
+
+        self.img_context_token_id = None
+        self.conv_template = get_conv_template(self.template)
+        self.system_message = getattr(config, "system_message", self.conv_template.system_message)
+
+        if config.use_backbone_lora:
+            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+        if config.use_llm_lora:
+            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+        self.post_init()
+
+    # ------------------------------------------------------------------ LoRA
+    def wrap_backbone_lora(self, r=128, lora_alpha=256, lora_dropout=0.05):
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=r, target_modules=BACKBONE_LORA_TARGETS, lora_alpha=lora_alpha, lora_dropout=lora_dropout
+        )
+        self.vision_model = get_peft_model(self.vision_model, lora_config)
+        self.vision_model.print_trainable_parameters()
+
+    def wrap_llm_lora(self, r=128, lora_alpha=256, lora_dropout=0.05):
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=r,
+            target_modules=LLM_LORA_TARGETS[self.config.llm_config.architectures[0]],
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            task_type="CAUSAL_LM",
+        )
+        self.language_model = get_peft_model(self.language_model, lora_config)
+        self.language_model.enable_input_require_grads()
+        self.language_model.print_trainable_parameters()
+
+    # ------------------------------------------------------------------ vision
+    def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+        if self.ps_version == "v1":
+            warnings.warn("ps_version 'v1' keeps the merged patch grid transposed; InternVL2 checkpoints use 'v2'.")
+        return pixel_shuffle(x, scale_factor, self.ps_version)
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[T, 3, S, S] tiles -> [T, num_image_token, llm_hidden] LLM-space image embeddings."""
+        if self.select_layer == -1:
+            vit_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        else:
+            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            vit_embeds = outputs.hidden_states[self.select_layer]
+        vit_embeds = vit_embeds[:, 1:, :]  # drop CLS
+        side = int(vit_embeds.shape[1] ** 0.5)
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)
+        vit_embeds = self.pixel_shuffle(vit_embeds, scale_factor=self.downsample_ratio)
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], -1, vit_embeds.shape[-1])
+        return self.mlp1(vit_embeds)
+
+    def embed_with_images(
+        self, input_ids: torch.LongTensor, vit_embeds: torch.Tensor | None, strict: bool = True
+    ) -> tuple[torch.Tensor, bool]:
+        """Token embeddings with image features written at the <IMG_CONTEXT> positions, in row-major
+        (sample, position) order. Returns (embeddings, counts_matched). With strict=False a count mismatch
+        fills what it can and reports False, as the original training forward does (it then zeroes the loss)."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if vit_embeds is None:
+            return embeds, True
+        batch, length, hidden = embeds.shape
+        positions = (input_ids.reshape(-1) == self.img_context_token_id).nonzero().squeeze(-1)
+        features = vit_embeds.reshape(-1, hidden).to(embeds.dtype)
+        matched = positions.numel() == features.shape[0]
+        if not matched:
+            message = (
+                f"{positions.numel()} <IMG_CONTEXT> tokens but {features.shape[0]} image features "
+                f"({features.shape[0] // self.num_image_token} tiles x {self.num_image_token} tokens)"
+            )
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + "; the loss of this batch is zeroed")
+            count = min(positions.numel(), features.shape[0])
+            positions, features = positions[:count], features[:count]
+        # index_put keeps the features in the autograd graph (the original's `x * 0.0 + features`).
+        embeds = embeds.reshape(batch * length, hidden).index_put((positions,), features)
+        return embeds.reshape(batch, length, hidden), matched
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        image_flags: torch.LongTensor | None = None,
+        past_key_values=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        past_key_values = kwargs.pop("cache", past_key_values)
+        vit_embeds = self.extract_feature(pixel_values)
+        if image_flags is not None:
+            vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
+        inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = outputs.logits
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
+            )
+            if not matched:
+                loss = loss * 0.0
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if not return_dict:
+            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        visual_features: torch.FloatTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        output_hidden_states: bool | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Greedy/beam generation from a prompt with image tokens; returns only the new tokens."""
+        if self.img_context_token_id is None:
+            raise ValueError("img_context_token_id is not set; chat()/batch_chat() set it from the tokenizer")
+        if pixel_values is not None or visual_features is not None:
+            vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
+            if not bool((input_ids == self.img_context_token_id).any()):
+                raise ValueError("pixel_values were given but the prompt has no <IMG_CONTEXT> tokens")
+            inputs_embeds, _ = self.embed_with_images(input_ids, vit_embeds, strict=True)
+        else:
+            inputs_embeds, _ = self.embed_with_images(input_ids, None)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            output_hidden_states=output_hidden_states,
+            use_cache=True,
+            **generate_kwargs,
+        )
+
+    def _prompt(self, question: str, history=None) -> str:
+        template = get_conv_template(self.template)
+        template.system_message = self.system_message
+        for old_question, old_answer in history or []:
+            template.append_message(template.roles[0], old_question)
+            template.append_message(template.roles[1], old_answer)
+        template.append_message(template.roles[0], question)
+        template.append_message(template.roles[1], None)
+        return template.get_prompt()
+
+    def _end_of_turn(self, tokenizer) -> tuple[int, str]:
+        sep = get_conv_template(self.template).sep.strip()
+        return tokenizer.convert_tokens_to_ids(sep), sep
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values,
+        question: str,
+        generation_config: dict,
+        history=None,
+        return_history: bool = False,
+        num_patches_list=None,
+        IMG_START_TOKEN=None,
+        IMG_END_TOKEN=None,
+        IMG_CONTEXT_TOKEN=IMG_CONTEXT_TOKEN,
+        verbose: bool = False,
+    ):
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+            raise ValueError(f"num_patches_list sums to {sum(num_patches_list)}, pixel_values has "
+                             f"{pixel_values.shape[0]} tiles")
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        query = self._prompt(question, history)
+        if verbose and pixel_values is not None:
+            print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
+        for num_patches in num_patches_list:
+            query = query.replace("<image>", image_placeholder(self.num_image_token, num_patches), 1)
+        model_inputs = tokenizer(query, return_tensors="pt")
+        device = self.language_model.get_input_embeddings().weight.device
+        eos_token_id, sep = self._end_of_turn(tokenizer)
+        generation_config = dict(generation_config, eos_token_id=eos_token_id)
+        output_ids = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **generation_config,
+        )
+        response = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
+        response = response.split(sep)[0].strip()
+        history = (history or []) + [(question, response)]
+        if verbose:
+            print(image_placeholder_collapsed(query), response, sep="\n")
+        return (response, history) if return_history else response
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values,
+        questions: list[str],
+        generation_config: dict,
+        num_patches_list=None,
+        history=None,
+        return_history: bool = False,
+        IMG_START_TOKEN=None,
+        IMG_END_TOKEN=None,
+        IMG_CONTEXT_TOKEN=IMG_CONTEXT_TOKEN,
+        verbose: bool = False,
+        image_counts=None,
+    ):
+        if history is not None or return_history:
+            raise NotImplementedError("batch_chat is single-turn; use chat() for multi-turn conversations")
+        if image_counts is not None:
+            num_patches_list = image_counts
+        if num_patches_list is None:
+            raise ValueError("batch_chat needs num_patches_list: the number of tiles of each question's image")
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        queries = []
+        for question, num_patches in zip(questions, num_patches_list):
+            if pixel_values is not None and "<image>" not in question:
+                question = "<image>\n" + question
+            query = self._prompt(question)
+            queries.append(query.replace("<image>", image_placeholder(self.num_image_token, num_patches), 1))
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            model_inputs = tokenizer(queries, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        device = self.language_model.get_input_embeddings().weight.device
+        eos_token_id, sep = self._end_of_turn(tokenizer)
+        generation_config = dict(generation_config, eos_token_id=eos_token_id)
+        output_ids = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **generation_config,
+        )
+        responses = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        return [response.split(sep)[0].strip() for response in responses]

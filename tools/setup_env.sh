@@ -1,0 +1,34 @@
+#!/bin/sh
+# Creates (or updates) the project's virtual environment in .venv.
+#   - a machine whose python3 already has a CUDA torch keeps it (venv with system site packages);
+#   - otherwise torch is installed first, alone, so that requirements.txt never pulls a CUDA build.
+# Idempotent: a second run with unchanged requirements.txt takes about a second.
+set -eu
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "[setup] $PYTHON has a CUDA torch: creating $VENV with system site packages to keep it"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        echo "[setup] creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+fi
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+fi
+
+stamp="$VENV/.requirements.sha256"
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing requirements.txt"
+    "$VENV/bin/python" -m pip install -q -r requirements.txt
+    echo "$want" > "$stamp"
+fi
+"$VENV/bin/python" -c "import torch, transformers, peft; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
