@@ -52,3 +52,18 @@ def test_llm_lora_r128_parameter_line(reference_dir, capsys):
         assert key in llm_state
     trainable = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
     assert trainable == lora["trainable_params"]
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_presets_match_the_original_configs(reference_dir, name):
+    from internvl_chat.model.presets import preset_config_dict
+
+    ref = load_reference(reference_dir, name)
+    model = build_on_meta(preset_config_dict(name))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["keys"]
+    ours = InternVLChatConfig(**preset_config_dict(name))
+    original = InternVLChatConfig(**ref["config"])
+    for field in ("template", "downsample_ratio", "ps_version", "force_image_size", "use_thumbnail"):
+        assert getattr(ours, field) == getattr(original, field)
+    for field in ("rms_norm_eps", "rope_theta", "num_key_value_heads", "max_position_embeddings"):
+        assert getattr(ours.llm_config, field) == getattr(original.llm_config, field), field

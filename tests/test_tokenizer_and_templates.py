@@ -13,7 +13,7 @@ import pytest
 from internvl_chat.model import conversation
 from internvl_chat.model.conversation import get_conv_template
 from internvl_chat.model.tokenization_internlm2 import InternLM2Tokenizer
-from internvl_chat.tiny_tokenizer import (
+from internvl_chat.synthetic.tokenizer import (
     INTERNLM2_CHAT_TOKENS,
     INTERNVL2_TOKENS,
     _train_sp_model,

@@ -39,6 +39,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "image_placeholder",
     "image_placeholder_collapsed",
+    "INTERNVL_ADDED_TOKENS",
     "render",
 ]
 
@@ -241,3 +242,8 @@ def image_placeholder(num_image_token: int, num_tiles: int) -> str:
 def image_placeholder_collapsed(query: str) -> str:
     """A rendered prompt with every image span shown as <image> again (for logs)."""
     return query.replace(IMG_CONTEXT_TOKEN, "").replace(IMG_START_TOKEN + IMG_END_TOKEN, IMAGE_PLACEHOLDER)
+
+# The nine tokens InternVL adds to every LLM vocabulary (the fine-tune script's add_tokens), in id order.
+INTERNVL_ADDED_TOKENS = (
+    IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+)

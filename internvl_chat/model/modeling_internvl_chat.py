@@ -263,8 +263,7 @@ class InternVLChatModel(PreTrainedModel):
             attention_mask=attention_mask,
             generation_config=generation_config,
             output_hidden_states=output_hidden_states,
-            use_cache=True,
-            **generate_kwargs,
+            **{"use_cache": True, **generate_kwargs},
         )
 
     def _prompt(self, question: str, history=None) -> str:
@@ -370,3 +369,9 @@ class InternVLChatModel(PreTrainedModel):
         )
         responses = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
         return [response.split(sep)[0].strip() for response in responses]
+
+
+# Every save_pretrained of this model (tools, Trainer checkpoints, merges) writes auto_map and copies these
+# files, so the folder loads with AutoModel.from_pretrained(..., trust_remote_code=True).
+InternVLChatConfig.register_for_auto_class()
+InternVLChatModel.register_for_auto_class("AutoModel")

@@ -26,7 +26,8 @@ from typing import Iterable, List, Sequence
 
 import sentencepiece as spm
 
-from .model.tokenization_internlm2 import InternLM2Tokenizer
+from ..model.conversation import INTERNVL_ADDED_TOKENS
+from ..model.tokenization_internlm2 import InternLM2Tokenizer
 
 # In the order of their ids in the real InternLM2 model (92538..92543).
 INTERNLM2_CHAT_TOKENS = (
@@ -46,18 +47,7 @@ INTERNLM2_ADDITIONAL_SPECIAL_TOKENS = (
     "<|interpreter|>",
     "<|plugin|>",
 )
-# Added by the InternVL fine-tune script (add_tokens(..., special_tokens=True)), in this order.
-INTERNVL2_TOKENS = (
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-)
+INTERNVL2_TOKENS = INTERNVL_ADDED_TOKENS
 
 _MIN_LEARNED_VOCAB = 300  # 256 byte pieces + <unk>/<s>/</s> + "\n" + room for characters
 

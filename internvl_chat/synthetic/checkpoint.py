@@ -1,0 +1,84 @@
+"""Random InternVL2 checkpoints in the real on-disk format: config.json with auto_map, safetensors, the remote
+code files, generation_config.json and a locally trained sentencepiece tokenizer with the InternVL2 tokens.
+
+Tiny ones (a few MB) drive the demo and the tests; `like="InternVL2-2B"` gives random weights at full size for
+GPU benchmarks. The tokenizer is always the tiny one: its ids are a subset of any real vocabulary.
+"""
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from ..model.configuration_internvl_chat import InternVLChatConfig
+from ..model.conversation import get_conv_template
+from ..model.modeling_internvl_chat import InternVLChatModel
+from ..model.presets import TILING, VIT_300M, VIT_6B, preset_config_dict
+from .tokenizer import build_tiny_tokenizer
+from .vocabulary import vocabulary_sentences
+
+LLM_TYPES = {
+    "internlm2": ("InternLM2ForCausalLM", "internlm2-chat"),
+    "qwen2": ("Qwen2ForCausalLM", "Hermes-2"),
+    "phi3": ("Phi3ForCausalLM", "phi3-chat"),
+    "llama": ("LlamaForCausalLM", "Hermes-2"),
+}
+VIT_TYPES = {"300m": VIT_300M, "6b": VIT_6B}
+# phi3-chat's role and end markers, which the InternLM2-style tiny tokenizer lacks.
+PHI3_CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def tiny_config_dict(llm: str = "internlm2", vit: str = "300m", vocab_size: int = 700, llm_hidden: int = 128,
+                     llm_layers: int = 2, vit_hidden: int = 64, vit_layers: int = 2) -> dict:
+    """A small model of the given family: the real structure, with few layers and narrow widths."""
+    arch, template = LLM_TYPES[llm]
+    vision = dict(VIT_TYPES[vit], hidden_size=vit_hidden, intermediate_size=2 * vit_hidden,
+                  num_hidden_layers=vit_layers, num_attention_heads=4)
+    heads = 4
+    llm_config = dict(architectures=[arch], vocab_size=vocab_size, hidden_size=llm_hidden,
+                      intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers, num_attention_heads=heads,
+                      num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    if llm == "internlm2":
+        llm_config.update(bias=False, rope_scaling={"type": "dynamic", "factor": 2.0})
+    elif llm == "phi3":
+        half_head = llm_hidden // heads // 2
+        llm_config.update(num_key_value_heads=heads, max_position_embeddings=131072,
+                          original_max_position_embeddings=4096, rope_theta=10000.0,
+                          rope_scaling={"type": "su", "short_factor": [1.0] * half_head,
+                                        "long_factor": [1.0 + i / half_head for i in range(half_head)]})
+    return {**TILING, "template": template, "vision_config": vision, "llm_config": llm_config,
+            "architectures": ["InternVLChatModel"]}
+
+
+def tokenizer_corpus() -> list[str]:
+    corpus = vocabulary_sentences()
+    for name in ("internlm2-chat", "Hermes-2", "phi3-chat"):
+        template = get_conv_template(name)
+        template.append_message(template.roles[0], "<image>\nDescribe the image.")
+        template.append_message(template.roles[1], "A red circle.")
+        corpus.append(template.get_prompt())
+    return corpus
+
+
+def build_checkpoint(out_dir: str | Path, llm: str = "internlm2", vit: str = "300m", like: str | None = None,
+                     seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                     **tiny_dims) -> Path:
+    """Write a random InternVL2 checkpoint to out_dir and return the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(out_dir, tokenizer_corpus())
+    if llm == "phi3" and like is None:
+        tokenizer.add_tokens(PHI3_CHAT_TOKENS, special_tokens=True)
+        tokenizer.save_pretrained(out_dir)
+    if like is not None:
+        config_dict = preset_config_dict(like)
+    else:
+        config_dict = tiny_config_dict(llm, vit, vocab_size=len(tokenizer), **tiny_dims)
+    config = InternVLChatConfig(**config_dict)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = InternVLChatModel(config).to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config.llm_config).save_pretrained(out_dir)
+    return out_dir

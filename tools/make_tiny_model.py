@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Build a random InternVL2 checkpoint in the real format.
+
+  python tools/make_tiny_model.py pretrained/InternVL2-tiny                 # tiny InternLM2 model (demo, tests)
+  python tools/make_tiny_model.py OUT --llm qwen2 --vit 6b                  # other LLM / ViT families
+  python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # random weights at full size
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from internvl_chat.model.presets import PRESETS  # noqa: E402
+from internvl_chat.synthetic.checkpoint import LLM_TYPES, VIT_TYPES, build_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="output folder (created)")
+    parser.add_argument("--llm", choices=sorted(LLM_TYPES), default="internlm2", help="LLM family of a tiny model")
+    parser.add_argument("--vit", choices=sorted(VIT_TYPES), default="300m", help="InternViT variant of a tiny model")
+    parser.add_argument("--like", choices=sorted(PRESETS), help="random weights with this model's full shapes")
+    parser.add_argument("--llm-hidden", type=int, default=128)
+    parser.add_argument("--llm-layers", type=int, default=2)
+    parser.add_argument("--vit-hidden", type=int, default=64)
+    parser.add_argument("--vit-layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="stored dtype (default: float32 for tiny models, bfloat16 with --like)")
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster "
+                                                         "for --like)")
+    parser.add_argument("--force", action="store_true", help="write into a folder that already has a checkpoint")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.force:
+        parser.error(f"{out / 'config.json'} exists; pass --force to overwrite that checkpoint")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.like else "float32"))
+    start = time.time()
+    tiny_dims = {} if args.like else dict(llm_hidden=args.llm_hidden, llm_layers=args.llm_layers,
+                                           vit_hidden=args.vit_hidden, vit_layers=args.vit_layers)
+    build_checkpoint(out, llm=args.llm, vit=args.vit, like=args.like, seed=args.seed, dtype=dtype,
+                     device=args.device, **tiny_dims)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
+    what = args.like or f"tiny {args.llm} + InternViT-{args.vit}"
+    print(f"wrote {what} checkpoint ({str(dtype).removeprefix("torch.")}) to {out}: {size:.1f} MiB in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
