@@ -1,0 +1,210 @@
+"""Datasets of InternVL chat jsonl files, built from a meta file (shell/data/coco_caption.json format).
+
+An item is one jsonl line: the image(s) tiled and transformed, the conversation tokenized with the label mask.
+A bad line (unparsable JSON, missing or unreadable image, malformed conversation, too long) is reported with
+its file and line number; in strict mode it stops the run, otherwise it is skipped (the next line is used
+instead) and counted, so one broken file among half a million does not kill a multi-hour job.
+"""
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from ..model.conversation import IMAGE_PLACEHOLDER
+from .preprocess import ConversationTokenizer, SampleError
+from .transforms import ImageError, TileTransform, image_to_pixel_values, open_image
+
+logger = logging.getLogger(__name__)
+TEXT_ONLY_IMAGE_SIZE = 224  # the white dummy image of text-only samples
+MAX_SKIPS_IN_A_ROW = 20
+
+
+class MetaError(ValueError):
+    """A meta file or one of its entries that cannot be used."""
+
+
+def read_jsonl_records(path: Path) -> list[tuple[int, bytes]]:
+    """(1-based line number, raw line) for every non-empty line."""
+    with open(path, "rb") as handle:
+        return [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
+
+
+def apply_repeat_time(records: list, repeat_time: float) -> list:
+    """repeat_time < 1 keeps the first fraction; an integer > 1 repeats the whole list."""
+    if repeat_time < 1:
+        return records[: int(len(records) * repeat_time)]
+    if repeat_time != int(repeat_time):
+        raise MetaError(f"repeat_time must be < 1 or a whole number, got {repeat_time}")
+    return records * int(repeat_time)
+
+
+class SupervisedDataset(Dataset):
+    def __init__(
+        self,
+        name: str,
+        root: str | Path,
+        annotation: str | Path,
+        conversation_tokenizer: ConversationTokenizer,
+        image_size: int = 448,
+        dynamic_image_size: bool = True,
+        use_thumbnail: bool = True,
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 6,
+        normalize_type: str = "imagenet",
+        data_augment: bool = False,
+        repeat_time: float = 1,
+        seed: int = 42,
+        strict: bool = False,
+    ):
+        self.name = name
+        self.root = Path(root)
+        self.annotation = Path(annotation)
+        self.tokenizer = conversation_tokenizer
+        self.dynamic_image_size = dynamic_image_size
+        self.use_thumbnail = use_thumbnail
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+        self.transform = TileTransform(image_size, normalize_type, augment=data_augment)
+        self.seed = seed
+        self.strict = strict
+        self.skipped = 0
+        self.records = apply_repeat_time(read_jsonl_records(self.annotation), repeat_time)
+        logger.info("dataset %s: %d samples from %s", name, len(self.records), self.annotation)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def where(self, index: int) -> str:
+        return f"{self.annotation}:{self.records[index][0]}"
+
+    def parse(self, index: int) -> dict:
+        try:
+            item = json.loads(self.records[index][1])
+        except json.JSONDecodeError as error:
+            raise SampleError(f"not valid JSON ({error.msg} at column {error.colno})") from error
+        if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+            raise SampleError("a line must be a JSON object with a 'conversations' list")
+        return item
+
+    def image_paths(self, item: dict) -> list[Path]:
+        image = item.get("image")
+        if not image:
+            return []
+        return [self.root / name for name in ([image] if isinstance(image, str) else image)]
+
+    def estimated_lengths(self) -> list[int]:
+        """Token-length estimates for the length-grouped sampler: the line's own `length` when present,
+        else the conversation's text tokens (cached by string length, as the original does) plus the image
+        tokens of the most tiles the sample can have."""
+        per_image = self.tokenizer.num_image_token * (self.max_dynamic_patch + int(self.use_thumbnail))
+        cache, lengths = {}, []
+        for _, raw in self.records:
+            try:
+                item = json.loads(raw)
+            except json.JSONDecodeError:
+                lengths.append(1)
+                continue
+            if "length" in item:
+                lengths.append(int(item["length"]))
+                continue
+            text = "\n".join(str(turn.get("value", "")) for turn in item.get("conversations", []))
+            if len(text) not in cache:
+                cache[len(text)] = len(self.tokenizer.tokenizer(text)["input_ids"])
+            lengths.append(cache[len(text)] + per_image * len(self.image_paths(item)))
+        return lengths
+
+    def __getitem__(self, index: int) -> dict:
+        for _ in range(MAX_SKIPS_IN_A_ROW):
+            try:
+                return self.build(index)
+            except (SampleError, ImageError) as error:
+                message = f"{self.where(index)}: {error}"
+                if self.strict:
+                    raise SampleError(message) from error
+                self.skipped += 1
+                logger.warning("skipping %s (%d skipped so far in this worker)", message, self.skipped)
+                index = (index + 1) % len(self)
+        raise SampleError(f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
+                          f"check the file with python -m internvl_chat.data.validate")
+
+    def build(self, index: int) -> dict:
+        item = self.parse(index)
+        conversations = [dict(turn) for turn in item["conversations"]]
+        paths = self.image_paths(item)
+        rng = random.Random(self.seed * 1_000_003 + index)  # augmentation independent of worker assignment
+        if paths:
+            placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations)
+            if placeholders == 0:
+                prefix = (f"{IMAGE_PLACEHOLDER}\n" if len(paths) == 1 else
+                          "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(paths))))
+                conversations[0]["value"] = prefix + str(conversations[0].get("value", ""))
+            max_num = max(1, self.max_dynamic_patch // len(paths))
+            tiles = [image_to_pixel_values(open_image(path), self.transform, self.dynamic_image_size,
+                                           self.min_dynamic_patch, max_num, self.use_thumbnail, rng)
+                     for path in paths]
+            num_tiles = [len(t) for t in tiles]
+            pixel_values = torch.cat(tiles)
+            image_flags = torch.ones(len(pixel_values), dtype=torch.long)
+        else:
+            dummy = Image.new("RGB", (TEXT_ONLY_IMAGE_SIZE, TEXT_ONLY_IMAGE_SIZE), (255, 255, 255))
+            pixel_values = image_to_pixel_values(dummy, self.transform, dynamic=False)
+            num_tiles, image_flags = [], torch.zeros(1, dtype=torch.long)
+        sample = self.tokenizer(conversations, num_tiles)
+        if sample.mismatch:
+            logger.warning("%s: tokenization mismatch, the sample's labels are all ignored", self.where(index))
+        return {**sample.as_dict(), "pixel_values": pixel_values, "image_flags": image_flags}
+
+    def image_groups(self) -> list[list[int]]:
+        """Indices grouped by image (all captions of one picture together), in first-seen order."""
+        groups = defaultdict(list)
+        for index, (_, raw) in enumerate(self.records):
+            try:
+                key = json.loads(raw).get("image") or f"text:{index}"
+            except json.JSONDecodeError:
+                key = f"bad:{index}"
+            groups[json.dumps(key)].append(index)
+        return list(groups.values())
+
+
+def load_meta(meta_path: str | Path) -> dict:
+    meta_path = Path(meta_path)
+    if not meta_path.is_file():
+        raise MetaError(f"meta file {meta_path} does not exist")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise MetaError(f"meta file {meta_path} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or not meta:
+        raise MetaError(f"meta file {meta_path} must map dataset names to {{root, annotation, ...}}")
+    for name, entry in meta.items():
+        for key in ("root", "annotation"):
+            if key not in entry:
+                raise MetaError(f"{meta_path}: dataset {name!r} has no {key!r}")
+        if not str(entry["annotation"]).endswith(".jsonl"):
+            raise MetaError(f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} must be a .jsonl file")
+        if not Path(entry["annotation"]).is_file():
+            raise MetaError(f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} does not exist "
+                            f"(run tools/prepare_coco.sh, or tools/make_synthetic_coco.py for a synthetic set)")
+        if not Path(entry["root"]).is_dir():
+            raise MetaError(f"{meta_path}: dataset {name!r}: image root {entry['root']} does not exist")
+    return meta
+
+
+def build_datasets(meta_path: str | Path, conversation_tokenizer: ConversationTokenizer, **options) -> ConcatDataset:
+    """One SupervisedDataset per meta entry (its max_dynamic_patch overrides the default), concatenated."""
+    datasets = []
+    for name, entry in load_meta(meta_path).items():
+        entry_options = dict(options)
+        if "max_dynamic_patch" in entry:
+            entry_options["max_dynamic_patch"] = entry["max_dynamic_patch"]
+        datasets.append(SupervisedDataset(
+            name, entry["root"], entry["annotation"], conversation_tokenizer,
+            data_augment=bool(entry.get("data_augment", False)), repeat_time=entry.get("repeat_time", 1),
+            **entry_options,
+        ))
+    return ConcatDataset(datasets)

@@ -1,0 +1,167 @@
+"""Conversation -> token ids and labels, as the original InternVL2 preprocessing computes them.
+
+Only assistant answers and the separator that closes them (`<|im_end|>` for internlm2-chat) are supervised;
+BOS, the system prompt, user turns, image tokens and role headers are -100.
+
+Speed without changing the result: every `<image>` is rendered as <img><IMG_CONTEXT></img> with a single
+context token and expanded to 256 x tiles copies at the id level. Added tokens are atomic in the tokenizer, so
+this is identical to tokenizing the fully expanded string, and it is ~2000x less text to tokenize.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ..model.conversation import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    get_conv_template,
+)
+
+IGNORE_INDEX = -100
+HUMAN_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on (bad conversation, too long, ...)."""
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: torch.Tensor  # [L] int64
+    labels: torch.Tensor  # [L] int64, IGNORE_INDEX where not supervised
+    attention_mask: torch.Tensor  # [L] bool
+    position_ids: torch.Tensor  # [L] int64
+    mismatch: bool = False  # the piecewise token count disagreed with the whole: labels all ignored
+
+    def as_dict(self) -> dict:
+        return {"input_ids": self.input_ids, "labels": self.labels, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def clean_conversation(conversations: list[dict]) -> list[tuple[str, str]]:
+    """[(role, text)] with the original's rules: a leading non-human turn is dropped, values are stripped,
+    turns alternate human/assistant."""
+    turns = list(conversations)
+    if turns and turns[0].get("from") not in HUMAN_ROLES:
+        turns = turns[1:]
+    if not turns:
+        raise SampleError("the conversation has no human turn")
+    cleaned = []
+    for index, turn in enumerate(turns):
+        speaker, value = turn.get("from"), turn.get("value")
+        expected = HUMAN_ROLES if index % 2 == 0 else ASSISTANT_ROLES
+        if speaker not in expected:
+            raise SampleError(f"turn {index} is from {speaker!r}; turns must alternate human/gpt")
+        if not isinstance(value, str):
+            raise SampleError(f"turn {index} has no text value")
+        cleaned.append(("human" if index % 2 == 0 else "gpt", value.strip()))
+    if any(role == "gpt" and not text for role, text in cleaned):
+        raise SampleError("an answer (gpt turn) is empty")
+    return cleaned
+
+
+class ConversationTokenizer:
+    """Renders a conversation with a chat template and tokenizes it with the original's label mask."""
+
+    def __init__(self, tokenizer, template_name: str, num_image_token: int, max_seq_length: int,
+                 system_message: str | None = None):
+        self.tokenizer = tokenizer
+        self.template_name = template_name
+        self.num_image_token = num_image_token
+        self.max_seq_length = max_seq_length
+        self.system_message = system_message
+        self.context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self.end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.add_bos = len(self._ids("")) > 0  # does tokenizer(text) prepend BOS?
+        template = get_conv_template(template_name)
+        self.user_role, self.assistant_role = template.roles
+        self.sep = template.sep
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _count(self, text: str) -> int:
+        """Tokens of `text` without the BOS the tokenizer prepends (the original's len(tok(x)) - 1)."""
+        return len(self._ids(text)) - (1 if self.add_bos else 0)
+
+    def render(self, turns: list[tuple[str, str]]) -> str:
+        template = get_conv_template(self.template_name)
+        if self.system_message is not None:
+            template.system_message = self.system_message
+        for role, text in turns:
+            template.append_message(self.user_role if role == "human" else self.assistant_role, text)
+        return template.get_prompt()
+
+    def _expanded_count(self, text: str, tiles: list[int]) -> tuple[int, int]:
+        """(tokens of text with each image expanded, number of images in text)."""
+        images = text.count(IMG_CONTEXT_TOKEN)
+        return self._count(text) + sum((self.num_image_token * n - 1) for n in tiles[:images]), images
+
+    def __call__(self, conversations: list[dict], num_tiles: list[int]) -> TokenizedSample:
+        """num_tiles: tiles of each image, in the order the <image> placeholders appear."""
+        turns = clean_conversation(conversations)
+        collapsed = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
+        rendered = self.render(turns)
+        if rendered.count(IMAGE_PLACEHOLDER) != len(num_tiles):
+            raise SampleError(f"{rendered.count(IMAGE_PLACEHOLDER)} <image> placeholders for {len(num_tiles)} images")
+        rendered = rendered.replace(IMAGE_PLACEHOLDER, collapsed)
+
+        ids = self._ids(rendered)
+        expanded, image_index = [], 0
+        for token in ids:
+            if token == self.context_id:
+                expanded.extend([token] * (self.num_image_token * num_tiles[image_index]))
+                image_index += 1
+            else:
+                expanded.append(token)
+        labels, mismatch = self._labels(rendered, expanded, num_tiles)
+
+        if len(expanded) > self.max_seq_length:
+            cut = expanded[self.max_seq_length:]
+            if self.context_id in cut or self.end_id in cut:
+                raise SampleError(f"{len(expanded)} tokens do not fit max_seq_length {self.max_seq_length} "
+                                  f"without cutting image tokens")
+            # text-only overflow: right truncation, as the original tokenizer call does
+            expanded, labels = expanded[: self.max_seq_length], labels[: self.max_seq_length]
+
+        input_ids = torch.tensor(expanded, dtype=torch.long)
+        attention_mask = input_ids.ne(self.pad_id)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 1)
+        return TokenizedSample(input_ids, torch.tensor(labels, dtype=torch.long), attention_mask, position_ids,
+                               mismatch)
+
+    def _labels(self, rendered: str, ids: list[int], num_tiles: list[int]) -> tuple[list[int], bool]:
+        """The original's counting: mask everything up to and including each assistant header, keep each
+        answer + separator, mask each following user turn. A piecewise count that disagrees with the whole
+        masks the entire sample (the original's 'tokenization mismatch')."""
+        labels = list(ids)
+        total = sum(1 for token in ids if token != self.pad_id)
+        cursor = 1 if self.add_bos else 0
+        labels[:cursor] = [IGNORE_INDEX] * cursor
+        parts = rendered.split(self.assistant_role)
+        tiles = list(num_tiles)
+
+        def mask(count):
+            nonlocal cursor
+            labels[cursor: cursor + count] = [IGNORE_INDEX] * len(labels[cursor: cursor + count])
+            cursor += count
+
+        count, used = self._expanded_count(parts[0] + self.assistant_role, tiles)
+        tiles = tiles[used:]
+        mask(count)
+        for middle in parts[1:-1]:
+            answer, user_part = middle.split(self.user_role, 1)
+            cursor += self._count(answer)
+            count, used = self._expanded_count(self.user_role + user_part + self.assistant_role, tiles)
+            tiles = tiles[used:]
+            mask(count)
+        cursor += self._count(parts[-1])
+        labels[cursor:] = [IGNORE_INDEX] * len(labels[cursor:])
+        mismatch = cursor < self.max_seq_length and cursor != total
+        if mismatch:
+            labels = [IGNORE_INDEX] * len(labels)
+        return labels, mismatch

@@ -1,0 +1,188 @@
+"""Meta file -> datasets -> collated batches -> the model, with the documented behaviour on bad input."""
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from internvl_chat.data.collator import concat_pad_data_collator
+from internvl_chat.data.dataset import MetaError, build_datasets, load_meta
+from internvl_chat.data.preprocess import IGNORE_INDEX, ConversationTokenizer, SampleError
+from internvl_chat.data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler, length_grouped_indices
+from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
+from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
+
+PROMPT = "<image>\nProvide a one-sentence caption for the provided image."
+
+
+def line(image, caption, prompt=PROMPT):
+    return json.dumps({"image": image, "conversations": [{"from": "human", "value": prompt},
+                                                         {"from": "gpt", "value": caption}]})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), tokenizer_corpus())
+
+
+@pytest.fixture
+def coco(tmp_path):
+    (tmp_path / "train2014").mkdir()
+    for name, size, colour in [("a.jpg", (640, 480), "red"), ("b.jpg", (480, 640), "blue"),
+                               ("c.jpg", (300, 300), "green")]:
+        Image.new("RGB", size, colour).save(tmp_path / "train2014" / name)
+    lines = [line("train2014/a.jpg", "a red picture."), line("train2014/a.jpg", "red everywhere."),
+             line("train2014/b.jpg", "a blue picture."), line("train2014/c.jpg", "a small green square."),
+             json.dumps({"conversations": [{"from": "human", "value": "Say hello."},
+                                           {"from": "gpt", "value": "Hello."}]}),
+             json.dumps({"image": ["train2014/a.jpg", "train2014/b.jpg"],
+                         "conversations": [{"from": "human", "value": "Compare the images."},
+                                           {"from": "gpt", "value": "One is red, one is blue."}]})]
+    annotation = tmp_path / "train.jsonl"
+    annotation.write_text("\n".join(lines) + "\n")
+    return tmp_path, annotation
+
+
+def write_meta(folder, annotation, **entry):
+    meta = folder / "meta.json"
+    meta.write_text(json.dumps({"synthetic": {"root": str(folder), "annotation": str(annotation),
+                                              "data_augment": False, "repeat_time": 1, **entry}}))
+    return meta
+
+
+def encoder(tokenizer, num_image_token=256):
+    return ConversationTokenizer(tokenizer, "internlm2-chat", num_image_token, 4096)
+
+
+def test_items(tokenizer, coco):
+    folder, annotation = coco
+    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer), max_dynamic_patch=6)
+    assert len(dataset) == 6
+    context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    first = dataset[0]
+    assert first["pixel_values"].shape == (7, 3, 448, 448)  # 640x480 -> 3x2 grid + thumbnail
+    assert first["image_flags"].tolist() == [1] * 7
+    assert int((first["input_ids"] == context).sum()) == 7 * 256
+    supervised = first["input_ids"][first["labels"] != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) == "a red picture.<|im_end|>"
+    assert dataset[3]["pixel_values"].shape[0] == 1  # 300x300: one tile, no thumbnail
+    text_only = dataset[4]
+    assert text_only["image_flags"].tolist() == [0] and text_only["pixel_values"].shape == (1, 3, 448, 448)
+    assert int((text_only["input_ids"] == context).sum()) == 0
+    two_images = dataset[5]  # max_num = 6 // 2 = 3 per image: 640x480 -> (1,1); 480x640 -> (1,2) + thumbnail
+    assert two_images["pixel_values"].shape[0] == 1 + 3
+    assert int((two_images["input_ids"] == context).sum()) == 4 * 256
+
+
+def test_meta_options(tokenizer, coco):
+    folder, annotation = coco
+    meta = write_meta(folder, annotation, max_dynamic_patch=2, repeat_time=0.5)
+    dataset = build_datasets(meta, encoder(tokenizer), max_dynamic_patch=6)
+    assert len(dataset) == 3
+    assert dataset[0]["pixel_values"].shape[0] == 1  # 640x480 with at most 2 tiles -> (1,1); 7 with 6
+    assert dataset[2]["pixel_values"].shape[0] == 3  # 480x640 -> (1,2) + thumbnail
+    assert len(build_datasets(write_meta(folder, annotation, repeat_time=2), encoder(tokenizer))) == 12
+
+
+def test_bad_lines_are_skipped_and_reported_or_fatal_in_strict_mode(tokenizer, coco, caplog):
+    folder, annotation = coco
+    lines = annotation.read_text().splitlines()
+    lines.insert(1, "{this is not json")
+    lines.insert(2, line("train2014/missing.jpg", "nothing."))
+    annotation.write_text("\n".join(lines) + "\n")
+    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer))
+    with caplog.at_level(logging.WARNING):
+        item = dataset[1]
+    assert item["pixel_values"].shape[0] == 7  # fell through to line 4 (a.jpg again)
+    assert f"{annotation}:2: not valid JSON" in caplog.text
+    assert f"{annotation}:3: image not found" in caplog.text
+    assert dataset.datasets[0].skipped == 2
+    strict = build_datasets(write_meta(folder, annotation), encoder(tokenizer), strict=True)
+    with pytest.raises(SampleError, match=f"{annotation}:2: not valid JSON"):
+        strict[1]
+    with pytest.raises(SampleError, match="missing.jpg"):
+        strict[2]
+
+
+def test_meta_errors(tokenizer, coco, tmp_path):
+    folder, annotation = coco
+    with pytest.raises(MetaError, match="does not exist"):
+        load_meta(tmp_path / "nowhere.json")
+    meta = tmp_path / "bad.json"
+    meta.write_text(json.dumps({"x": {"root": str(folder), "annotation": str(folder / "train.json")}}))
+    with pytest.raises(MetaError, match="must be a .jsonl file"):
+        load_meta(meta)
+    meta.write_text(json.dumps({"x": {"root": str(folder), "annotation": str(folder / "gone.jsonl")}}))
+    with pytest.raises(MetaError, match="gone.jsonl does not exist"):
+        load_meta(meta)
+
+
+def test_collated_batch_trains_the_model(tokenizer, coco):
+    folder, annotation = coco
+    torch.manual_seed(0)
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=len(tokenizer))))
+    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer, model.num_image_token))
+    features = [dataset[0], dataset[3], dataset[4]]
+    batch = concat_pad_data_collator(features)
+    longest = max(len(f["input_ids"]) for f in features)
+    assert batch["input_ids"].shape == (3, longest)
+    assert batch["pixel_values"].shape[0] == 7 + 1 + 1 and batch["image_flags"].tolist() == [1] * 8 + [0]
+    short = len(features[2]["input_ids"])
+    assert (batch["input_ids"][2, short:] == 0).all() and (batch["labels"][2, short:] == IGNORE_INDEX).all()
+    assert not batch["attention_mask"][2, short:].any() and batch["attention_mask"][2, :short].all()
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a token/feature count mismatch would warn and zero the loss
+        loss = model(**batch).loss
+    assert loss.item() > 0
+    loss.backward()
+    assert model.mlp1[1].weight.grad.abs().sum() > 0  # image features reached the loss
+
+
+def test_loader_with_workers_is_deterministic(tokenizer, coco):
+    folder, annotation = coco
+    meta = write_meta(folder, annotation, data_augment=True)
+    dataset = build_datasets(meta, encoder(tokenizer), seed=3)
+    runs = []
+    for workers in (0, 2):
+        loader = DataLoader(dataset, batch_size=2, num_workers=workers, collate_fn=concat_pad_data_collator)
+        runs.append([batch["pixel_values"] for batch in loader])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_length_grouped_sampler():
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    first = length_grouped_indices(lengths, batch_size=4, world_size=2, generator=torch.Generator().manual_seed(0))
+    again = list(LengthGroupedSampler(4, 2, lengths, torch.Generator().manual_seed(0)))
+    assert first == again and sorted(first) == list(range(64))
+    for start in range(0, 64, 8):  # each megabatch: 2 chunks of 4, longest first overall, balanced totals
+        megabatch = first[start:start + 8]
+        chunk_a, chunk_b = megabatch[:4], megabatch[4:]
+        assert max(lengths[i] for i in megabatch) in (lengths[chunk_a[0]], lengths[chunk_b[0]])
+        total_a, total_b = sum(lengths[i] for i in chunk_a), sum(lengths[i] for i in chunk_b)
+        assert abs(total_a - total_b) <= max(lengths[i] for i in megabatch)
+
+
+def test_image_grouped_batches(tokenizer, coco):
+    folder, annotation = coco
+    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer)).datasets[0]
+    groups = dataset.image_groups()
+    assert [0, 1] in groups  # both captions of a.jpg
+    ranks = [list(ImageGroupedBatchSampler(groups, 2, rank, 2, seed=1)) for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    seen = [i for rank in ranks for batch in rank for i in batch]
+    assert set(seen) == set(range(len(dataset)))
+    for batch in ranks[0] + ranks[1]:
+        for group in groups:
+            assert set(group) <= set(batch) or not set(group) & set(batch)
+    sampler = ImageGroupedBatchSampler(groups, 1, seed=1)
+    orders = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(map(tuple, sampler)))
+    assert len(orders) > 1  # reshuffled per epoch
