@@ -25,7 +25,32 @@ CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 FILLER_WORDS = (
     "a", "an", "the", "of", "on", "in", "and", "with", "there", "is", "are", "picture", "image", "photo",
     "background", "corner", "shows", "showing", "drawn", "some", "shapes", "side", "near", "one",
+    "plain", "many", "colorful",
 )
+# How a caption names a position: corners are "the top left corner", the middle is "the center".
+POSITION_PHRASES = {position: position if position == "center" else f"{position} corner" for position in POSITIONS}
+
+# Caption templates of the synthetic COCO (internvl_chat/synthetic/coco.py fills them in).
+# {things}: every group of shapes, e.g. "two red circles and a blue square"; {sized_things} the same with the size
+# of single shapes ("a large blue square"); {be}: "is" or "are" to agree with the first group;
+# {background}: the background colour. Kept short (about 8-14 words) so a generated caption fits the
+# evaluation's 30 new tokens.
+LIST_TEMPLATES = (
+    "{things} on a {background} background.",
+    "a {background} picture with {sized_things}.",
+    "there {be} {things} on a {background} background.",
+    "an image of {sized_things} on a {background} background.",
+    "a {background} photo of {things}.",
+)
+# Only for one group ({thing}, {where}) or two groups ({thing1}, {where1}, {thing2}, {where2});
+# {where} is a POSITION_PHRASES value.
+ONE_GROUP_TEMPLATES = (
+    "a {background} picture with {thing} in the {where}.",
+    "{sized_thing} in the {where} of a {background} image.",
+)
+TWO_GROUP_TEMPLATES = ("{thing1} in the {where1} and {thing2} in the {where2}.",)
+# For busy pictures (three or more groups), a COCO-like summary that is still predictable from the picture.
+BUSY_TEMPLATES = ("many colorful shapes on a {background} background.",)
 
 
 def vocabulary_sentences() -> list[str]:
@@ -40,4 +65,22 @@ def vocabulary_sentences() -> list[str]:
         for position in POSITIONS:
             for background in BACKGROUNDS:
                 sentences.append(f"A {size} shape in the {position} of a {background} picture.")
+    # One rendering of every caption template per background, so the tokenizer sees whole captions as they are
+    # written (commas, "is"/"are", the position phrases).
+    colors, shapes = list(COLORS), list(SHAPES)
+    for index, background in enumerate(BACKGROUNDS):
+        color1, color2 = colors[index % len(colors)], colors[(index + 3) % len(colors)]
+        shape1, shape2 = shapes[index % len(shapes)], shapes[(index + 1) % len(shapes)]
+        size = SIZES[index % len(SIZES)]
+        thing1, thing2 = f"a {color1} {shape1}", f"two {color2} {PLURALS[shape2]}"
+        things = f"{thing1}, {thing2} and three {color2} {PLURALS[shape1]}"
+        where1 = POSITION_PHRASES[POSITIONS[index % len(POSITIONS)]]
+        where2 = POSITION_PHRASES[POSITIONS[(index + 2) % len(POSITIONS)]]
+        sized_things = f"a {size} {color1} {shape1} and {thing2}"
+        fields = dict(background=background, things=things, sized_things=sized_things, be="is", thing=thing1,
+                      sized_thing=f"a {size} {color1} {shape1}", where=where1,
+                      thing1=thing1, where1=where1, thing2=thing2, where2=where2)
+        for template in LIST_TEMPLATES + ONE_GROUP_TEMPLATES + TWO_GROUP_TEMPLATES + BUSY_TEMPLATES:
+            sentences.append(template.format(**fields))
+        sentences.append(f"there are {thing2} on a plain {background} background.")
     return sentences
