@@ -47,7 +47,8 @@ def main() -> None:
                      device=args.device, **tiny_dims)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
     what = args.like or f"tiny {args.llm} + InternViT-{args.vit}"
-    print(f"wrote {what} checkpoint ({str(dtype).removeprefix("torch.")}) to {out}: {size:.1f} MiB in {time.time() - start:.1f} s")
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"wrote {what} checkpoint ({dtype_name}) to {out}: {size:.1f} MiB in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

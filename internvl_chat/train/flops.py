@@ -1,0 +1,75 @@
+"""Analytic FLOP counts of a training step, for throughput and MFU logging.
+
+Model FLOPs only: recomputation by gradient checkpointing is not counted (that would be hardware FLOPs).
+A matmul of [m, k] x [k, n] is 2mkn. Frozen parts run forward only, except the LLM, whose activations still
+need gradients to reach LoRA adapters (backward ~ forward for frozen weights, 2 x forward for trained ones).
+"""
+from dataclasses import dataclass
+
+# bf16 dense peak, TFLOP/s, by substring of torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "4090": 165.0, "A6000": 155.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+@dataclass
+class FlopModel:
+    vit_hidden: int
+    vit_intermediate: int
+    vit_layers: int
+    vit_tokens: int  # patches + CLS per tile
+    patch_size: int
+    image_tokens: int  # LLM tokens per tile
+    llm_hidden: int
+    llm_matmul_params: int  # per token, all decoder-layer projections
+    llm_layers: int
+    vocab_size: int
+    lora_params: int  # per token: sum over targeted linears of r * (in + out)
+    llm_trainable: bool  # full fine-tuning of the LLM
+
+    @classmethod
+    def from_config(cls, config, lora_rank: int = 0, llm_trainable: bool = False) -> "FlopModel":
+        vision, llm = config.vision_config, config.llm_config
+        hidden, inter = llm.hidden_size, llm.intermediate_size
+        kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
+        head_dim = hidden // llm.num_attention_heads
+        qkv_out = hidden + 2 * kv_heads * head_dim
+        per_layer = hidden * qkv_out + hidden * hidden + 3 * hidden * inter
+        lora = lora_rank * ((hidden + qkv_out) + 2 * hidden + 2 * (hidden + inter) + (inter + hidden))
+        tile = config.force_image_size or vision.image_size
+        return cls(
+            vit_hidden=vision.hidden_size, vit_intermediate=vision.intermediate_size,
+            vit_layers=vision.num_hidden_layers, vit_tokens=(tile // vision.patch_size) ** 2 + 1,
+            patch_size=vision.patch_size,
+            image_tokens=int((tile // vision.patch_size) ** 2 * config.downsample_ratio ** 2),
+            llm_hidden=hidden, llm_matmul_params=llm.num_hidden_layers * per_layer,
+            llm_layers=llm.num_hidden_layers, vocab_size=llm.vocab_size,
+            lora_params=llm.num_hidden_layers * lora, llm_trainable=llm_trainable,
+        )
+
+    def vision_flops(self, tiles: int) -> float:
+        d, t = self.vit_hidden, self.vit_tokens
+        per_layer = 2 * t * (4 * d * d + 2 * d * self.vit_intermediate) + 4 * t * t * d
+        patch = 2 * t * 3 * self.patch_size ** 2 * d
+        merged = 4 * d
+        projector = 2 * self.image_tokens * (merged * self.llm_hidden + self.llm_hidden ** 2)
+        return tiles * (self.vit_layers * per_layer + patch + projector)
+
+    def llm_flops(self, sequence_lengths: list[int], logit_positions: int, backward: bool = True) -> float:
+        tokens = sum(sequence_lengths)
+        forward = 2 * tokens * (self.llm_matmul_params + self.lora_params)
+        forward += sum(2 * n * n * self.llm_hidden for n in sequence_lengths) * self.llm_layers  # causal QK^T + AV
+        forward += 2 * logit_positions * self.llm_hidden * self.vocab_size
+        if not backward:
+            return forward
+        weight_grads = 2 * tokens * (self.llm_matmul_params if self.llm_trainable else 0) + 2 * tokens * self.lora_params
+        return 2 * forward + weight_grads  # activation gradients ~ forward, plus weight gradients
+
+    def train_step_flops(self, tiles: int, sequence_lengths: list[int], logit_positions: int) -> float:
+        return self.vision_flops(tiles) + self.llm_flops(sequence_lengths, logit_positions)

@@ -1,0 +1,88 @@
+"""The Trainer of the fine-tuning recipe: transformers' Trainer plus the original's length-grouped sampler,
+throughput and MFU logging, and checkpoints that are only resumed from when complete."""
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from ..data.samplers import LengthGroupedSampler
+from .flops import FlopModel
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """trainer_state.json is written after the weights, optimizer and RNG states; a folder without a
+    readable one was cut off mid-save."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
+                    if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))), reverse=True)
+    for _, folder in steps:
+        if is_complete_checkpoint(folder):
+            return folder
+    return None
+
+
+class InternVLTrainer(Trainer):
+    def __init__(self, *args, lengths: list[int] | None = None, flop_model: FlopModel | None = None,
+                 peak_tflops: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lengths = lengths
+        self.flop_model = flop_model
+        self.peak_tflops = peak_tflops
+        self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
+        self._window_start = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        # The original groups over ranks x accumulation steps: one megabatch per optimizer step.
+        world = self.args.world_size * self.args.gradient_accumulation_steps
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return LengthGroupedSampler(self.args.train_batch_size, world, self.lengths, generator)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+        mask = inputs["attention_mask"]
+        self._window["samples"] += mask.shape[0]
+        self._window["tokens"] += int(mask.sum())
+        if self.flop_model is not None:
+            lengths = mask.sum(dim=1).tolist()
+            self._window["flops"] += self.flop_model.train_step_flops(
+                int(inputs["pixel_values"].shape[0]), lengths, logit_positions=mask.numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._window_start is not None:
+            counts = torch.tensor([self._window["samples"], self._window["tokens"], self._window["flops"]],
+                                  dtype=torch.float64, device=self.args.device)
+            counts = self.accelerator.reduce(counts, reduction="sum")
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            samples, tokens, flops = counts.tolist()
+            logs["samples_per_second"] = round(samples / elapsed, 3)
+            logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            if self.flop_model is not None:
+                logs["tflops_per_device"] = round(flops / elapsed / self.args.world_size / 1e12, 2)
+                if self.peak_tflops:
+                    logs["mfu"] = round(logs["tflops_per_device"] / self.peak_tflops, 4)
+            if torch.cuda.is_available():
+                logs["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
+            self._window_start = time.perf_counter()
+        logs = {key: value for key, value in logs.items() if not (isinstance(value, float) and math.isnan(value))}
+        super().log(logs, start_time)

@@ -1,0 +1,113 @@
+"""The tutorial's LoRA launcher on the CPU: torchrun + DeepSpeed, GPUS=1 and 2, ZeRO-1 and ZeRO-3, kill and
+resume. Each run trains the tiny model on a synthetic COCO for a few steps (1 tile per image to stay fast)."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from internvl_chat.synthetic.checkpoint import build_checkpoint
+from internvl_chat.synthetic.coco import make_synthetic_coco
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
+FAST = ["--max_dynamic_patch", "1", "--dataloader_num_workers", "0", "--lora_dropout", "0.0",
+        "--learning_rate", "2e-3", "--logging_steps", "1", "--seed", "7"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = build_checkpoint(root / "pretrained/InternVL2-tiny", seed=0)
+    make_synthetic_coco(root / "data/coco", train_images=8, test_images=2, seed=0,
+                        meta_path=root / "meta.json")
+    return root, model
+
+
+def launch(world, name, gpus, steps, save_steps, *extra, background=False):
+    root, model = world
+    env = dict(os.environ, GPUS=str(gpus), BATCH_SIZE="8", PER_DEVICE_BATCH_SIZE="2", MODEL=str(model),
+               META_PATH=str(root / "meta.json"), OUTPUT_DIR=str(root / name),
+               MASTER_PORT=str(29500 + abs(hash(name)) % 1000))
+    command = ["sh", str(LAUNCHER), *FAST, "--max_steps", str(steps), "--save_steps", str(save_steps), *extra]
+    if background:
+        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root / name
+
+
+def losses(run: Path) -> list[float]:
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def adapter(run: Path) -> dict:
+    return {k: v for k, v in load_file(run / "model.safetensors").items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(world):
+    return launch(world, "zero1_gpus2", 2, 6, 3)
+
+
+def test_two_processes_train_with_deepspeed_zero1(two_process_run):
+    run = two_process_run
+    curve = losses(run)
+    assert len(curve) == 6 and sum(curve[-2:]) / 2 < curve[0]
+    log = (run / "training_log.txt").read_text()
+    for line in ("Num examples = 40", "Total optimization steps = 6", "Gradient Accumulation steps = 2",
+                 "Total train batch size (w. parallel, distributed & accumulation) = 8",
+                 "trainable params:", "samples_per_second", "no GPU found"):
+        assert line in log, line
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]  # save_total_limit 1
+    assert list((run / "runs").rglob("events.out.tfevents.*"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["use_llm_lora"] == 128 and config["max_dynamic_patch"] == 1 and config["template"] == "internlm2-chat"
+    assert (run / "modeling_internvl_chat.py").is_file() and (run / "tokenizer.model").is_file()
+    weights = adapter(run)
+    assert len(weights) == 2 * 5 * 2  # A and B of 5 targets in 2 layers
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+
+
+def test_one_process_gives_the_same_loss_curve(world, two_process_run):
+    single = launch(world, "zero1_gpus1", 1, 6, 3)
+    assert "GRADIENT_ACC=4" in (single / "training_log.txt").read_text()
+    assert losses(single) == pytest.approx(losses(two_process_run), rel=2e-4)
+
+
+def test_zero3_saves_the_trained_adapter(world, two_process_run):
+    """ZeRO-3 partitions every weight; the saved file must hold the gathered, trained adapters (B starts at
+    zero, so an ungathered or untrained save shows up as empty or all-zero B)."""
+    run = launch(world, "zero3_gpus2", 2, 6, 3, "--deepspeed", str(REPO / "shell/zero_stage3_config.json"))
+    zero3, zero1 = adapter(run), adapter(two_process_run)
+    assert {k: v.shape for k, v in zero3.items()} == {k: v.shape for k, v in zero1.items()}
+    assert all(w.abs().sum() > 0 for k, w in zero3.items() if "lora_B" in k)
+    curve = losses(run)
+    assert sum(curve[-2:]) / 2 < curve[0]
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(world):
+    reference = launch(world, "uninterrupted", 1, 4, 2)
+    process = launch(world, "interrupted", 1, 4, 2, background=True)
+    checkpoint = world[0] / "interrupted" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the run never wrote its first checkpoint"
+    assert not (world[0] / "interrupted" / "model.safetensors").exists()  # it did not finish
+    resumed = launch(world, "interrupted", 1, 4, 2)
+    assert "Resuming from the last complete checkpoint" in (resumed / "training_log.txt").read_text()
+    got, want = adapter(resumed), adapter(reference)
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=1e-6), key
