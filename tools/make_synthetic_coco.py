@@ -34,6 +34,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
+    if width < 32 or height < 32:
+        raise argparse.ArgumentTypeError(f"an image must be at least 32x32, got {text}")
+    return width, height
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/coco", help="output root (default: %(default)s)")
@@ -48,6 +58,8 @@ def main() -> None:
     parser.add_argument("--meta", metavar="PATH",
                         help="also write a meta file like shell/data/coco_caption.json that points at --out, "
                              "with the right length")
+    parser.add_argument("--image-size", metavar="WxH", type=parse_size, default=None,
+                        help="give every picture this size, e.g. 640x480 (default: a COCO-like mix of sizes)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier synthetic build in --out (a folder that is not one is never "
                              "touched)")
@@ -56,7 +68,8 @@ def main() -> None:
     try:
         summary = make_synthetic_coco(args.out, train_images=args.train_images, test_images=args.test_images,
                                       seed=args.seed, captions_per_image=args.captions_per_image,
-                                      force=args.force, meta_path=args.meta, progress=True)
+                                      force=args.force, meta_path=args.meta, progress=True,
+                                      image_size=args.image_size)
     except SyntheticCocoError as error:
         sys.exit(f"make_synthetic_coco: {error}")
     by_folder = summary["train_images_by_folder"]

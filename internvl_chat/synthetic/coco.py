@@ -106,10 +106,13 @@ def _layout_group(rng: random.Random, cell: tuple[float, float, float, float], c
     return shapes
 
 
-def make_scene(image_id: int, seed: int) -> dict:
-    """Decide everything about one picture: size, background and groups of shapes (no pixels, no captions)."""
+def make_scene(image_id: int, seed: int, image_size: tuple[int, int] | None = None) -> dict:
+    """Decide everything about one picture: size, background and groups of shapes (no pixels, no captions).
+    image_size fixes the size (benchmarks use 640x480, COCO's most common shape)."""
     rng = random.Random(f"synthetic-coco:{seed}:scene:{image_id}")
     width, height = _weighted(rng, IMAGE_SIZE_WEIGHTS, IMAGE_SIZES)
+    if image_size is not None:
+        width, height = image_size
     background = rng.choice(list(BACKGROUNDS))
     n_groups = _weighted(rng, GROUP_COUNT_WEIGHTS)
     positions = sorted(rng.sample(READING_ORDER, n_groups), key=READING_ORDER.index)
@@ -292,7 +295,8 @@ def write_meta(meta_path: str | Path, root: str | Path, length: int) -> Path:
 
 def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300, test_images: int = 100,
                         seed: int = 0, captions_per_image: int = 5, force: bool = False,
-                        meta_path: str | Path | None = None, progress: bool = False) -> dict:
+                        meta_path: str | Path | None = None, progress: bool = False,
+                        image_size: tuple[int, int] | None = None) -> dict:
     """Build a synthetic COCO under `root` and return a summary (counts, paths, sizes, seconds).
 
     Raises SyntheticCocoError when `root` is not empty (see `force`) and ValueError for impossible counts."""
@@ -311,7 +315,7 @@ def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300,
 
     scenes = []
     for split, folder, image_id in _assign_splits(train_images, test_images, seed):
-        scene = make_scene(image_id, seed)
+        scene = make_scene(image_id, seed, image_size)
         scene = {"image": image_path(folder, image_id), "split": split, **scene,
                  "captions": caption_scene(scene, captions_per_image, seed)}
         scenes.append(scene)
