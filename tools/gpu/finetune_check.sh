@@ -4,7 +4,8 @@
 #   GPUS=1 STEPS=30 sh tools/gpu/finetune_check.sh OUT_DIR
 # Leaves OUT_DIR/gpus<N>_training_log.txt and OUT_DIR/gpus<N>_trainer_state.json.
 set -eu
-out=${1:?usage: sh tools/gpu/finetune_check.sh OUT_DIR}
+out=${1:?usage: sh tools/gpu/finetune_check.sh OUT_DIR [extra launcher flags]}
+shift
 GPUS=${GPUS:-1}
 STEPS=${STEPS:-30}
 BATCH_SIZE=${BATCH_SIZE:-16}
