@@ -55,6 +55,17 @@ class InternVLTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         return LengthGroupedSampler(self.args.train_batch_size, world, self.lengths, generator)
 
+    def set_initial_training_values(self, args, dataloader):
+        """Epoch-based runs take the original's step count: whole accumulation windows only (566,747 COCO
+        captions at 8 x 4 x 16 give 1106 steps; transformers 5 would round the last partial window up to 1107).
+        The warmup and cosine schedule follow from it, as in the tutorial."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if args.max_steps <= 0 and dataloader is not None and len(dataloader):
+            per_epoch = max(len(dataloader) // args.gradient_accumulation_steps, 1)
+            values[1] = per_epoch
+            values[-1] = math.ceil(args.num_train_epochs * per_epoch)
+        return tuple(values)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()

@@ -1,0 +1,45 @@
+"""Step counting follows the original: whole gradient-accumulation windows only."""
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import TrainingArguments
+
+from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+from internvl_chat.synthetic.checkpoint import tiny_config_dict
+from internvl_chat.train.trainer import InternVLTrainer
+
+
+class Numbers(Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return index
+
+
+def trainer_for(tmp_path, **args):
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=300)))
+    arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **args)
+    return InternVLTrainer(model=model, args=arguments, train_dataset=Numbers(10))
+
+
+def test_epochs_count_whole_accumulation_windows(tmp_path):
+    trainer = trainer_for(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=16,
+                          num_train_epochs=1)
+    # 4 x 16 x 10 + 4 x 5 samples: 165 batches = 10 full windows and a partial one
+    loader = DataLoader(Numbers(4 * 16 * 10 + 4 * 5), batch_size=4)
+    values = trainer.set_initial_training_values(trainer.args, loader)
+    assert values[1] == 10 and values[-1] == 10
+    two_epochs = trainer_for(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=16,
+                             num_train_epochs=2)
+    assert two_epochs.set_initial_training_values(two_epochs.args, loader)[-1] == 20
+
+
+def test_explicit_max_steps_is_kept(tmp_path):
+    trainer = trainer_for(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=16, max_steps=7)
+    loader = DataLoader(Numbers(1000), batch_size=4)
+    assert trainer.set_initial_training_values(trainer.args, loader)[-1] == 7
+
