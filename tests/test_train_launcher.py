@@ -69,7 +69,14 @@ def test_two_processes_train_with_deepspeed_zero1(two_process_run):
                  "trainable params:", "samples_per_second", "no GPU found"):
         assert line in log, line
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]  # save_total_limit 1
-    assert list((run / "runs").rglob("events.out.tfevents.*"))
+    events = list((run / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/samples_per_second",
+                "train/tokens_per_second", "train/tflops_per_device"):
+        assert tag in tags, (tag, tags)
     config = json.loads((run / "config.json").read_text())
     assert config["use_llm_lora"] == 128 and config["max_dynamic_patch"] == 1 and config["template"] == "internlm2-chat"
     assert (run / "modeling_internvl_chat.py").is_file() and (run / "tokenizer.model").is_file()
