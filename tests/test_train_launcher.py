@@ -118,3 +118,20 @@ def test_a_killed_run_resumes_to_the_same_adapter(world):
     got, want = adapter(resumed), adapter(reference)
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6), key
+
+
+def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
+    root, model = world
+    env = dict(os.environ, GPUS="1", BATCH_SIZE="4", PER_DEVICE_BATCH_SIZE="2", MODEL=str(model),
+               META_PATH=str(root / "meta.json"), OUTPUT_DIR=str(root / "full"), MASTER_PORT="29931")
+    launcher = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh"
+    result = subprocess.run(["sh", str(launcher), *FAST, "--max_steps", "2", "--save_strategy", "no"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    before, after = load_file(model / "model.safetensors"), load_file(root / "full" / "model.safetensors")
+    assert not any("lora_" in key for key in after)
+    assert not torch.equal(before["mlp1.1.weight"], after["mlp1.1.weight"])
+    assert not torch.equal(before["language_model.model.layers.0.attention.wqkv.weight"],
+                           after["language_model.model.layers.0.attention.wqkv.weight"])
+    assert torch.equal(before["vision_model.encoder.layers.0.attn.qkv.weight"],
+                       after["vision_model.encoder.layers.0.attn.qkv.weight"])  # the ViT stays frozen
