@@ -3,6 +3,7 @@
 The synthetic caption generator draws scenes from these lists, and the tiny tokenizer is trained on sentences
 built from them, so every caption word is a short token sequence for the tiny model.
 """
+from ..eval.caption_data import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
 
 # name -> RGB; far enough apart that a frozen random ViT still separates them.
 COLORS = {
@@ -21,7 +22,6 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "s
 COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 FILLER_WORDS = (
     "a", "an", "the", "of", "on", "in", "and", "with", "there", "is", "are", "picture", "image", "photo",
     "background", "corner", "shows", "showing", "drawn", "some", "shapes", "side", "near", "one",

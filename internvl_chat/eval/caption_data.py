@@ -1,0 +1,110 @@
+"""Caption evaluation sets: where they live, how an entry becomes tiles, and contiguous sharding over ranks."""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..data.transforms import TileTransform, dynamic_preprocess, open_image
+
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+@dataclass(frozen=True)
+class CaptionSet:
+    root: str
+    annotation: str  # list of {image, caption}, or a COCO-format json (nocaps)
+    ground_truth: str | None  # COCO-format gt; None: built from the annotation's captions
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+
+
+CAPTION_SETS = {
+    "coco": CaptionSet("data/coco/", "data/coco/annotations/coco_karpathy_test.json",
+                       "data/coco/annotations/coco_karpathy_test_gt.json"),
+    "flickr30k": CaptionSet("data/flickr30k/", "data/flickr30k/test_karpathy.json", None),
+    "nocaps": CaptionSet("data/nocaps/images/", "data/nocaps/nocaps_val_4500_captions.json",
+                         "data/nocaps/nocaps_val_4500_captions.json"),
+}
+
+
+def image_id_from_name(name: str) -> int:
+    """COCO_val2014_000000391895.jpg -> 391895 (the trailing number of the file name)."""
+    digits = re.findall(r"\d+", Path(name).stem)
+    if not digits:
+        raise ValueError(f"no image id in file name {name}")
+    return int(digits[-1])
+
+
+def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple[list[dict], Path]:
+    """[{image (path), image_id}] in file order, and the ground-truth json (written next to the results for
+    sets without one)."""
+    base = Path(data_root) if data_root else Path(".")
+    annotation = base / caption_set.annotation
+    if not annotation.is_file():
+        raise FileNotFoundError(f"{annotation} does not exist: run tools/prepare_coco.sh (or "
+                                f"tools/make_synthetic_coco.py) first, or pass --data-root")
+    data = json.loads(annotation.read_text())
+    root = base / caption_set.root
+    if isinstance(data, dict) and "images" in data:  # COCO format
+        entries = [{"image": str(root / image["file_name"]), "image_id": int(image["id"])} for image in data["images"]]
+        return entries, annotation
+    entries = [{"image": str(root / item["image"]), "image_id": image_id_from_name(item["image"]),
+                "captions": item.get("caption")} for item in data]
+    if caption_set.ground_truth is not None:
+        return entries, base / caption_set.ground_truth
+    return entries, None
+
+
+def ground_truth_from_entries(entries: list[dict], path: Path) -> Path:
+    """A COCO-format gt file built from the annotation's reference captions."""
+    annotations = [{"image_id": e["image_id"], "caption": caption, "id": index}
+                   for index, (e, caption) in enumerate((e, c) for e in entries for c in e["captions"])]
+    path.write_text(json.dumps({"info": {}, "licenses": [], "type": "captions",
+                                "images": [{"id": e["image_id"]} for e in entries], "annotations": annotations}))
+    return path
+
+
+class CaptionImages(Dataset):
+    """Item = (image_id, [T, 3, S, S] tiles). The image is tiled in its own mode, as the original evaluation
+    does, and each tile is converted to RGB by the transform."""
+
+    def __init__(self, entries: list[dict], image_size: int, dynamic: bool, max_num: int, use_thumbnail: bool):
+        self.entries = entries
+        self.transform = TileTransform(image_size)
+        self.dynamic, self.max_num, self.use_thumbnail = dynamic, max_num, use_thumbnail
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int):
+        entry = self.entries[index]
+        image = open_image(entry["image"], convert_rgb=False)
+        tiles = (dynamic_preprocess(image, 1, self.max_num, self.transform.image_size, self.use_thumbnail)
+                 if self.dynamic else [image])
+        return entry["image_id"], torch.stack([self.transform(tile) for tile in tiles])
+
+
+def collate_images(batch):
+    ids = [image_id for image_id, _ in batch]
+    tiles = [len(pixels) for _, pixels in batch]
+    return ids, torch.cat([pixels for _, pixels in batch]), tiles
+
+
+class ContiguousShardSampler(Sampler):
+    """Rank r takes one contiguous block; the first (N mod world) ranks take one extra item. Gathering the
+    ranks' outputs in rank order restores the dataset order."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        base, extra = divmod(size, world_size)
+        start = rank * base + min(rank, extra)
+        self.indices = list(range(start, start + base + (1 if rank < extra else 0)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+

@@ -1,0 +1,182 @@
+"""Caption generation and COCO scoring: the torchrun target of evaluate.sh.
+
+  torchrun --nproc_per_node=4 internvl_chat/eval/evaluate_caption.py --checkpoint pretrained/InternVL2-2B \
+      --datasets coco --dynamic [--batch-size 16]
+
+Each rank captions a contiguous block of the test set (greedy, 8 to 30 new tokens, the original prompt), rank 0
+gathers the captions in dataset order, writes results/<set>_<time>.json, scores it with pycocoevalcap's scorers
+and appends a line to results/<checkpoint>.txt. Plain and unmerged-LoRA checkpoints load alike.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by torchrun: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from internvl_chat.eval.caption_data import (  # noqa: E402
+    CAPTION_PROMPT,
+    CAPTION_SETS,
+    CaptionImages,
+    ContiguousShardSampler,
+    collate_images,
+    ground_truth_from_entries,
+    read_entries,
+)
+from internvl_chat.eval.scoring import ScoringError, require_java, score_captions  # noqa: E402
+from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="InternVL2 checkpoint folder (plain or LoRA output)")
+    parser.add_argument("--datasets", default="coco,flickr30k,nocaps", help="comma-separated: " + ",".join(CAPTION_SETS))
+    parser.add_argument("--batch-size", type=int, default=1, help="images per generate call on each rank")
+    parser.add_argument("--num-workers", type=int, default=1, help="data-loading processes per rank")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dynamic", action="store_true", help="dynamic-resolution tiles (use it: the tutorial does)")
+    parser.add_argument("--max-num", type=int, default=6, help="most tiles per image (thumbnail excluded)")
+    parser.add_argument("--load-in-8bit", action="store_true")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--auto", action="store_true", help="one process, the model split over all GPUs")
+    parser.add_argument("--data-root", default=None, help="folder holding data/ (default: the current folder)")
+    parser.add_argument("--spice", action="store_true", help="also SPICE (needs Stanford CoreNLP; online once)")
+    parser.add_argument("--skip-scoring", action="store_true", help="only write the results json")
+    parser.add_argument("--attn-implementation", default=None, help="eager | sdpa | flash_attention_2")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: bfloat16 on GPU, float32 on CPU")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.datasets.split(",") if name not in CAPTION_SETS]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_SETS)}")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world_size > 1 else 0), world_size, device
+
+
+def load(args, device):
+    if args.load_in_8bit or args.load_in_4bit:
+        raise SystemExit("--load-in-8bit/4bit need bitsandbytes, which this environment does not support yet")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_model(args.checkpoint, dtype=dtype, device=None if args.auto else device,
+                       attn_implementation=args.attn_implementation, auto=args.auto)
+    return model, load_tokenizer(args.checkpoint)
+
+
+def caption_batch(model, tokenizer, pixel_values, tiles, generation_config) -> list[str]:
+    if len(tiles) == 1:  # the original's path, image by image
+        return [model.chat(tokenizer, pixel_values, CAPTION_PROMPT, generation_config)]
+    return model.batch_chat(tokenizer, pixel_values, [CAPTION_PROMPT] * len(tiles), generation_config,
+                            num_patches_list=tiles)
+
+
+def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
+    caption_set = CAPTION_SETS[name]
+    entries, gt_file = read_entries(caption_set, args.data_root)
+    config = model.config
+    dataset = CaptionImages(entries, config.force_image_size or config.vision_config.image_size, args.dynamic,
+                            args.max_num, config.use_thumbnail)
+    sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        collate_fn=collate_images, pin_memory=device.type == "cuda")
+    generation_config = dict(num_beams=args.num_beams, max_new_tokens=caption_set.max_new_tokens,
+                             min_new_tokens=caption_set.min_new_tokens, do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        generation_config["temperature"] = args.temperature
+    dtype = next(model.parameters()).dtype
+
+    from tqdm import tqdm
+
+    ids, captions = [], []
+    start = time.perf_counter()
+    progress = tqdm(total=len(sampler), desc=f"{name} rank {rank}", unit="img", disable=rank != 0, dynamic_ncols=True)
+    for image_ids, pixel_values, tiles in loader:
+        pixel_values = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
+        captions += caption_batch(model, tokenizer, pixel_values, tiles, generation_config)
+        ids += image_ids
+        progress.update(len(image_ids))
+    progress.close()
+    elapsed = time.perf_counter() - start
+
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (ids, captions, elapsed))
+        ids = [i for part in gathered for i in part[0]]
+        captions = [c for part in gathered for c in part[1]]
+        elapsed = max(part[2] for part in gathered)
+    if rank != 0:
+        return None
+    print(f"{name}: {len(ids)} images in {elapsed:.1f} s ({len(ids) / max(elapsed, 1e-9):.2f} images/s, "
+          f"{world_size} process(es), batch {args.batch_size})")
+    average_length = sum(len(caption.split()) for caption in captions) / max(len(captions), 1)
+    print(f"average caption length: {average_length:.3f} words")
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / f"{name}_{time.strftime('%y%m%d%H%M%S')}.json"
+    results_file.write_text(json.dumps([{"image_id": int(i), "caption": c} for i, c in zip(ids, captions)]))
+    print(f"results: {results_file}")
+    if args.skip_scoring:
+        return None
+    if gt_file is None:
+        gt_file = ground_truth_from_entries(entries, results_file.with_name(results_file.stem + "_gt.json"))
+    metrics = score_captions(results_file, gt_file, spice=args.spice)
+    summary = out_dir / ("_".join(Path(os.path.abspath(args.checkpoint)).parts[-2:]) + ".txt")
+    with open(summary, "a") as handle:
+        handle.write(json.dumps([args.checkpoint, name, average_length, metrics]) + "\n")
+    print([args.checkpoint, name, average_length, metrics])
+    print(f"summary appended to {summary}")
+    return metrics
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size, device = init_distributed()
+    if not args.skip_scoring and rank == 0:
+        try:
+            require_java()  # before hours of generation, not after
+        except ScoringError as error:
+            raise SystemExit(f"evaluate_caption: {error}") from None
+    for name in args.datasets.split(","):  # missing data is found before the model is loaded
+        try:
+            read_entries(CAPTION_SETS[name], args.data_root)
+        except FileNotFoundError as error:
+            raise SystemExit(f"evaluate_caption: {error}") from None
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(args, device)
+    num_params = sum(p.numel() for p in model.parameters())
+    if num_params > 20e9 or args.dynamic:
+        args.num_beams = 1  # as the original: beam search only for small models without dynamic tiles
+    if rank == 0:
+        print(f"loaded {args.checkpoint}: {num_params / 1e9:.2f}B parameters, {next(model.parameters()).dtype}, "
+              f"{model.config.llm_config._attn_implementation} attention, LoRA r={model.config.use_llm_lora}")
+    for name in args.datasets.split(","):
+        evaluate_set(name, args, model, tokenizer, rank, world_size, device)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

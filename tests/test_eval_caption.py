@@ -1,0 +1,118 @@
+"""evaluate.sh under dash: batched and distributed captioning give exactly the captions of the original
+one-image-at-a-time path (fp32, greedy), and scoring equals pycocoevalcap's COCOEvalCap."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl_chat.eval.scoring import ScoringError, score_captions
+from internvl_chat.synthetic.checkpoint import build_checkpoint
+from internvl_chat.synthetic.coco import make_synthetic_coco
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    build_checkpoint(root / "pretrained/InternVL2-tiny", seed=1)
+    make_synthetic_coco(root / "data/coco", train_images=2, test_images=9, seed=3)
+    return root
+
+
+def evaluate(world, gpus, *options):
+    out = world / f"results_gpus{gpus}_{'_'.join(o.strip('-') for o in options)}"
+    env = dict(os.environ, GPUS=str(gpus), MASTER_PORT=str(29100 + gpus + 10 * len(options)))
+    result = subprocess.run(["sh", str(REPO / "evaluate.sh"), "pretrained/InternVL2-tiny", "caption-coco",
+                             "--dynamic", "--out-dir", str(out), *options],
+                            cwd=world, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = [p for p in out.glob("coco_*.json")]
+    assert len(results) == 1
+    return json.loads(results[0].read_text()), result.stdout, out
+
+
+@pytest.fixture(scope="module")
+def one_by_one(world):
+    return evaluate(world, 1)
+
+
+def test_metric_block_and_files(world, one_by_one):
+    results, stdout, out = one_by_one
+    expected_ids = [int(e["image"].split("_")[-1][:-4])
+                    for e in json.loads((world / "data/coco/annotations/coco_karpathy_test.json").read_text())]
+    assert [r["image_id"] for r in results] == expected_ids  # dataset order
+    for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert f"{name}: " in stdout
+    assert "average caption length" in stdout
+    summary = (out / "pretrained_InternVL2-tiny.txt").read_text().splitlines()
+    checkpoint, dataset, _, metrics = json.loads(summary[-1])
+    assert (checkpoint, dataset) == ("pretrained/InternVL2-tiny", "coco") and "CIDEr" in metrics
+
+
+def test_batch_8_gives_the_captions_of_batch_1(world, one_by_one):
+    batched, _, _ = evaluate(world, 1, "--batch-size", "8")
+    assert batched == one_by_one[0]
+    assert len({r["caption"] for r in batched}) > 1  # the images really get different captions
+
+
+def test_two_processes_give_the_results_of_one(world, one_by_one):
+    sharded, stdout, _ = evaluate(world, 2, "--batch-size", "4")
+    assert sharded == one_by_one[0]
+    assert "2 process(es)" in stdout
+
+
+def test_scores_equal_cocoevalcap(world, one_by_one, tmp_path, monkeypatch):
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    results, _, out = one_by_one
+    results_file = next(out.glob("coco_*.json"))
+    gt_file = world / "data/coco/annotations/coco_karpathy_test_gt.json"
+    ours = score_captions(results_file, gt_file, verbose=False)
+
+    class NoSpice:  # SPICE downloads CoreNLP when constructed; the other scorers are COCOEvalCap's own
+        def compute_score(self, gts, res):
+            return 0.0, []
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(cocoeval, "Spice", NoSpice)
+    coco = COCO(str(gt_file))
+    reference = cocoeval.COCOEvalCap(coco, coco.loadRes(str(results_file)))
+    reference.evaluate()
+    assert {k: v for k, v in reference.eval.items() if k != "SPICE"} == pytest.approx(ours, abs=1e-12)
+
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(results[:-1]))
+    with pytest.raises(ScoringError, match="1 ground-truth images have no caption"):
+        score_captions(partial, gt_file, verbose=False)
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(json.dumps(results + results[:1]))
+    with pytest.raises(ScoringError, match="several captions"):
+        score_captions(doubled, gt_file, verbose=False)
+
+
+def test_missing_java_stops_before_generation(world):
+    env = dict(os.environ, PATH="/nonexistent")
+    result = subprocess.run([sys.executable, str(REPO / "internvl_chat/eval/evaluate_caption.py"),
+                             "--checkpoint", "pretrained/InternVL2-tiny", "--datasets", "coco", "--dynamic"],
+                            cwd=world, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "no `java` is on PATH" in result.stderr and "tools/score_captions.py" in result.stderr
+    assert "loaded" not in result.stdout  # stopped before loading the model
+
+
+def test_score_captions_tool(world, one_by_one):
+    _, _, out = one_by_one
+    results_file = next(out.glob("coco_*.json"))
+    gt_file = world / "data/coco/annotations/coco_karpathy_test_gt.json"
+    result = subprocess.run([sys.executable, str(REPO / "tools/score_captions.py"), str(results_file), str(gt_file),
+                             "--json", str(out / "metrics.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "metrics.json").read_text()) == score_captions(results_file, gt_file, verbose=False)
+    assert "CIDEr: " in result.stdout
