@@ -172,6 +172,9 @@ class InternVLChatModel(PreTrainedModel):
         embeds = self.language_model.get_input_embeddings()(input_ids)
         if vit_embeds is None:
             return embeds, True
+        if self.img_context_token_id is None:
+            raise ValueError("img_context_token_id is not set: assign tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') "
+                             "to model.img_context_token_id (chat() and batch_chat() do it themselves)")
         batch, length, hidden = embeds.shape
         positions = (input_ids.reshape(-1) == self.img_context_token_id).nonzero().squeeze(-1)
         features = vit_embeds.reshape(-1, hidden).to(embeds.dtype)
@@ -249,8 +252,6 @@ class InternVLChatModel(PreTrainedModel):
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Greedy/beam generation from a prompt with image tokens; returns only the new tokens."""
-        if self.img_context_token_id is None:
-            raise ValueError("img_context_token_id is not set; chat()/batch_chat() set it from the tokenizer")
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             if not bool((input_ids == self.img_context_token_id).any()):
