@@ -186,3 +186,13 @@ def test_image_grouped_batches(tokenizer, coco):
         sampler.set_epoch(epoch)
         orders.add(tuple(map(tuple, sampler)))
     assert len(orders) > 1  # reshuffled per epoch
+
+
+def test_length_grouped_sampler_keeps_whole_optimizer_steps():
+    lengths = list(range(1, 71))  # 70 samples, megabatch 4 x 4 = 16: 4 whole steps, 6 left over
+    sampler = LengthGroupedSampler(4, 4, lengths, torch.Generator().manual_seed(1))
+    indices = list(sampler)
+    assert len(sampler) == len(indices) == 64 and len(set(indices)) == 64
+    everything = LengthGroupedSampler(4, 4, lengths, torch.Generator().manual_seed(1), whole_steps=False)
+    all_indices = list(everything)
+    assert len(all_indices) == 70 and all_indices[:64] == indices

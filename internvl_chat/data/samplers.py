@@ -33,16 +33,25 @@ def length_grouped_indices(lengths: list[int], batch_size: int, world_size: int,
 
 
 class LengthGroupedSampler(Sampler):
-    """The original's group_by_length sampler; world_size there is ranks x gradient-accumulation steps."""
+    """The original's group_by_length sampler; world_size there is ranks x gradient-accumulation steps, so one
+    megabatch is one optimizer step. With whole_steps, an epoch ends with its last complete megabatch: the
+    original computed the leftover micro-batches but never applied them (transformers 5 would take an extra,
+    smaller optimizer step on them at every epoch end)."""
 
-    def __init__(self, batch_size: int, world_size: int, lengths: list[int], generator=None):
+    def __init__(self, batch_size: int, world_size: int, lengths: list[int], generator=None,
+                 whole_steps: bool = True):
         self.batch_size, self.world_size, self.lengths, self.generator = batch_size, world_size, lengths, generator
+        megabatch = batch_size * world_size
+        self.size = len(lengths)
+        if whole_steps and len(lengths) >= megabatch:
+            self.size = len(lengths) // megabatch * megabatch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.size
 
     def __iter__(self):
-        return iter(length_grouped_indices(self.lengths, self.batch_size, self.world_size, self.generator))
+        indices = length_grouped_indices(self.lengths, self.batch_size, self.world_size, self.generator)
+        return iter(indices[: self.size])
 
 
 class ImageGroupedBatchSampler(Sampler):

@@ -14,7 +14,7 @@ from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
 from ..model.presets import TILING, VIT_300M, VIT_6B, preset_config_dict
 from .tokenizer import build_tiny_tokenizer
-from .vocabulary import vocabulary_sentences
+from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 
 LLM_TYPES = {
     "internlm2": ("InternLM2ForCausalLM", "internlm2-chat"),
@@ -28,11 +28,12 @@ PHI3_CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def tiny_config_dict(llm: str = "internlm2", vit: str = "300m", vocab_size: int = 700, llm_hidden: int = 128,
-                     llm_layers: int = 2, vit_hidden: int = 64, vit_layers: int = 2) -> dict:
-    """A small model of the given family: the real structure, with few layers and narrow widths."""
+                     llm_layers: int = 2, vit_hidden: int = 64, vit_layers: int = 2, image_size: int = 448) -> dict:
+    """A small model of the given family: the real structure, with few layers and narrow widths.
+    image_size is the tile size (224 gives 64 image tokens per tile instead of 256: a 4x cheaper demo)."""
     arch, template = LLM_TYPES[llm]
     vision = dict(VIT_TYPES[vit], hidden_size=vit_hidden, intermediate_size=2 * vit_hidden,
-                  num_hidden_layers=vit_layers, num_attention_heads=4)
+                  num_hidden_layers=vit_layers, num_attention_heads=4, image_size=image_size)
     heads = 4
     llm_config = dict(architectures=[arch], vocab_size=vocab_size, hidden_size=llm_hidden,
                       intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers, num_attention_heads=heads,
@@ -46,7 +47,7 @@ def tiny_config_dict(llm: str = "internlm2", vit: str = "300m", vocab_size: int 
                           original_max_position_embeddings=4096, rope_theta=10000.0,
                           rope_scaling={"type": "su", "short_factor": [1.0] * half_head,
                                         "long_factor": [1.0 + i / half_head for i in range(half_head)]})
-    return {**TILING, "template": template, "vision_config": vision, "llm_config": llm_config,
+    return {**TILING, "force_image_size": image_size, "template": template, "vision_config": vision, "llm_config": llm_config,
             "architectures": ["InternVLChatModel"]}
 
 
@@ -60,9 +61,41 @@ def tokenizer_corpus() -> list[str]:
     return corpus
 
 
+def pretrain_language_model(model: InternVLChatModel, tokenizer, steps: int, seed: int = 0,
+                            batch_size: int = 32, learning_rate: float = 3e-3) -> list[float]:
+    """Next-token training of the LLM alone (embeddings, layers, head) on text-only chats: the caption prompt,
+    answered in the base-model style of vocabulary.BASE_MODEL_TEMPLATES. A random LLM cannot be rescued by LoRA
+    alone (its frozen head keeps every logit within about +-3); after this it writes fluent descriptions that
+    ignore the image, which is what caption fine-tuning then corrects. Returns the loss per step."""
+    from ..data.collator import concat_pad_data_collator
+    from ..data.preprocess import ConversationTokenizer
+
+    encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
+    answers = base_model_sentences(steps * batch_size, seed)
+    llm = model.language_model.train()
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    losses = []
+    for step in range(steps):
+        chats = [[{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": answer}]
+                 for answer in answers[step * batch_size: (step + 1) * batch_size]]
+        batch = concat_pad_data_collator([
+            {**encoder(chat, []).as_dict(), "pixel_values": torch.zeros(1), "image_flags": torch.zeros(1)}
+            for chat in chats])
+        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    llm.eval()
+    return losses
+
+
 def build_checkpoint(out_dir: str | Path, llm: str = "internlm2", vit: str = "300m", like: str | None = None,
                      seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                     **tiny_dims) -> Path:
+                     pretrain_steps: int = 0, **tiny_dims) -> Path:
     """Write a random InternVL2 checkpoint to out_dir and return the path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +110,11 @@ def build_checkpoint(out_dir: str | Path, llm: str = "internlm2", vit: str = "30
     config = InternVLChatConfig(**config_dict)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = InternVLChatModel(config).to(dtype)
+        model = InternVLChatModel(config)
+    if pretrain_steps:
+        losses = pretrain_language_model(model, tokenizer, pretrain_steps, seed)
+        print(f"language pretraining: {pretrain_steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+    model = model.to(dtype)
     model.config.dtype = dtype
     model.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config.llm_config).save_pretrained(out_dir)

@@ -52,10 +52,37 @@ TWO_GROUP_TEMPLATES = ("{thing1} in the {where1} and {thing2} in the {where2}.",
 # For busy pictures (three or more groups), a COCO-like summary that is still predictable from the picture.
 BUSY_TEMPLATES = ("many colorful shapes on a {background} background.",)
 
+# How the tiny *base* model learns to talk before any caption fine-tuning (tools/make_tiny_model.py
+# --pretrain-steps): longer, chattier answers that are not tied to any picture. The real InternVL2 likewise
+# writes longer captions in another style than COCO's references; fine-tuning teaches the style and grounding.
+BASE_MODEL_TEMPLATES = (
+    "The image shows {things} drawn on a plain {background} background, with nothing else in the picture.",
+    "In this picture there are {things}, and the rest of the image is {background}.",
+    "This is a simple image of {things} on a {background} background.",
+)
+
+
+def base_model_sentences(count: int, seed: int = 0) -> list[str]:
+    """Random descriptions in the base-model style (they describe no particular picture)."""
+    import random
+
+    rng = random.Random(f"base-model:{seed}")
+    sentences = []
+    for _ in range(count):
+        groups = []
+        for _ in range(rng.randint(1, 3)):
+            number, shape = rng.choice(list(COUNT_WORDS)), rng.choice(SHAPES)
+            groups.append(f"{COUNT_WORDS[number]} {rng.choice(list(COLORS))} "
+                          f"{shape if number == 1 else PLURALS[shape]}")
+        things = groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]
+        template = rng.choice(BASE_MODEL_TEMPLATES)
+        sentences.append(template.format(things=things, background=rng.choice(list(BACKGROUNDS))))
+    return sentences
+
 
 def vocabulary_sentences() -> list[str]:
     """Sentences covering every word of the synthetic captions (tokenizer training text)."""
-    sentences = [CAPTION_PROMPT, " ".join(FILLER_WORDS)]
+    sentences = [CAPTION_PROMPT, " ".join(FILLER_WORDS), *base_model_sentences(60)]
     for shape in SHAPES:
         for color in COLORS:
             for count, word in COUNT_WORDS.items():
