@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    build_checkpoint(root / "pretrained/InternVL2-tiny", seed=1)
+    # language-pretrained, so captions are varied text that ends with <|im_end|>, not random tokens
+    build_checkpoint(root / "pretrained/InternVL2-tiny", seed=1, pretrain_steps=80, image_size=224)
     make_synthetic_coco(root / "data/coco", train_images=2, test_images=9, seed=3)
     return root
 
@@ -37,7 +38,8 @@ def evaluate(world, gpus, *options):
 
 @pytest.fixture(scope="module")
 def one_by_one(world):
-    return evaluate(world, 1)
+    """The original's path: chat() one image at a time through generate()."""
+    return evaluate(world, 1, "--engine", "hf", "--batch-size", "1")
 
 
 def test_metric_block_and_files(world, one_by_one):
@@ -54,13 +56,19 @@ def test_metric_block_and_files(world, one_by_one):
 
 
 def test_batch_8_gives_the_captions_of_batch_1(world, one_by_one):
-    batched, _, _ = evaluate(world, 1, "--batch-size", "8")
+    batched, _, _ = evaluate(world, 1, "--engine", "hf", "--batch-size", "8")
     assert batched == one_by_one[0]
     assert len({r["caption"] for r in batched}) > 1  # the images really get different captions
 
 
+def test_fast_engine_gives_the_captions_of_batch_1(world, one_by_one):
+    fast, stdout, _ = evaluate(world, 1, "--engine", "fast", "--batch-size", "4")
+    assert "fast engine" in stdout
+    assert fast == one_by_one[0]
+
+
 def test_two_processes_give_the_results_of_one(world, one_by_one):
-    sharded, stdout, _ = evaluate(world, 2, "--batch-size", "4")
+    sharded, stdout, _ = evaluate(world, 2, "--batch-size", "3")  # the default engine: fast
     assert sharded == one_by_one[0]
     assert "2 process(es)" in stdout
 

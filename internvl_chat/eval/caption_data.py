@@ -93,6 +93,40 @@ def collate_images(batch):
     return ids, torch.cat([pixels for _, pixels in batch]), tiles
 
 
+def tile_counts(entries: list[dict], image_size: int, dynamic: bool, max_num: int, use_thumbnail: bool) -> list[int]:
+    """Tiles per image from the image headers alone (no decoding)."""
+    from PIL import Image
+
+    from ..data.transforms import tile_grid
+
+    counts = []
+    for entry in entries:
+        if not dynamic:
+            counts.append(1)
+            continue
+        with Image.open(entry["image"]) as image:
+            columns, rows = tile_grid(image.width, image.height, 1, max_num, image_size)
+        counts.append(columns * rows + (1 if use_thumbnail and columns * rows > 1 else 0))
+    return counts
+
+
+class TileGroupedBatches(Sampler):
+    """Batches of images with the same tile count, from one rank's indices (so prompts need no padding)."""
+
+    def __init__(self, indices: list[int], counts: list[int], batch_size: int):
+        by_count = {}
+        for index in indices:
+            by_count.setdefault(counts[index], []).append(index)
+        self.batches = [group[i: i + batch_size] for _, group in sorted(by_count.items())
+                        for i in range(0, len(group), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 class ContiguousShardSampler(Sampler):
     """Rank r takes one contiguous block; the first (N mod world) ranks take one extra item. Gathering the
     ranks' outputs in rank order restores the dataset order."""

@@ -30,6 +30,8 @@ from internvl_chat.eval.caption_data import (  # noqa: E402
     ground_truth_from_entries,
     read_entries,
 )
+from internvl_chat.eval.caption_data import TileGroupedBatches, tile_counts  # noqa: E402
+from internvl_chat.eval.fast_captioner import FastCaptioner, supports_fast_path  # noqa: E402
 from internvl_chat.eval.scoring import ScoringError, require_java, score_captions  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 
@@ -38,7 +40,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="InternVL2 checkpoint folder (plain or LoRA output)")
     parser.add_argument("--datasets", default="coco,flickr30k,nocaps", help="comma-separated: " + ",".join(CAPTION_SETS))
-    parser.add_argument("--batch-size", type=int, default=1, help="images per generate call on each rank")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per batch on each rank (default: 32 with the fast engine, 1 with hf)")
+    parser.add_argument("--engine", choices=["auto", "fast", "hf"], default="auto",
+                        help="fast: batched prefill + lean greedy decoding over a static KV cache (InternLM2 "
+                             "models, greedy); hf: the original's chat()/batch_chat() with generate(); "
+                             "auto: fast where it applies")
     parser.add_argument("--num-workers", type=int, default=1, help="data-loading processes per rank")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -59,7 +66,7 @@ def parse_args(argv):
     unknown = [name for name in args.datasets.split(",") if name not in CAPTION_SETS]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_SETS)}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
 
@@ -91,15 +98,22 @@ def caption_batch(model, tokenizer, pixel_values, tiles, generation_config) -> l
                             num_patches_list=tiles)
 
 
-def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
-    caption_set = CAPTION_SETS[name]
-    entries, gt_file = read_entries(caption_set, args.data_root)
+def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_size, device):
+    """Caption this rank's contiguous block of `entries`; returns (image ids, captions, seconds) in dataset order."""
     config = model.config
     dataset = CaptionImages(entries, config.force_image_size or config.vision_config.image_size, args.dynamic,
                             args.max_num, config.use_thumbnail)
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=collate_images, pin_memory=device.type == "cuda")
+    if args.engine == "fast":
+        counts = tile_counts(entries, dataset.transform.image_size, args.dynamic, args.max_num, config.use_thumbnail)
+        batches = TileGroupedBatches(sampler.indices, counts, args.batch_size)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                            collate_fn=collate_images, pin_memory=device.type == "cuda")
+        captioner = FastCaptioner(model, tokenizer, CAPTION_PROMPT, caption_set.max_new_tokens,
+                                  caption_set.min_new_tokens)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                            collate_fn=collate_images, pin_memory=device.type == "cuda")
     generation_config = dict(num_beams=args.num_beams, max_new_tokens=caption_set.max_new_tokens,
                              min_new_tokens=caption_set.min_new_tokens, do_sample=args.temperature > 0)
     if args.temperature > 0:
@@ -108,17 +122,32 @@ def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
 
     from tqdm import tqdm
 
-    ids, captions = [], []
+    by_id = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    progress = tqdm(total=len(sampler), desc=f"{name} rank {rank}", unit="img", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=len(sampler), desc=f"captions rank {rank}", unit="img", disable=rank != 0,
+                    dynamic_ncols=True)
     for image_ids, pixel_values, tiles in loader:
         pixel_values = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
-        captions += caption_batch(model, tokenizer, pixel_values, tiles, generation_config)
-        ids += image_ids
+        if args.engine == "fast":
+            batch_captions = captioner.caption(pixel_values, tiles[0])
+        else:
+            batch_captions = caption_batch(model, tokenizer, pixel_values, tiles, generation_config)
+        by_id.update(zip(image_ids, batch_captions))
         progress.update(len(image_ids))
     progress.close()
-    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ids = [entries[index]["image_id"] for index in sampler.indices]  # the shard in dataset order
+    return ids, [by_id[image_id] for image_id in ids], time.perf_counter() - start
 
+
+def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
+    caption_set = CAPTION_SETS[name]
+    entries, gt_file = read_entries(caption_set, args.data_root)
+    ids, captions, elapsed = generate_captions(args, caption_set, entries, model, tokenizer, rank, world_size,
+                                               device)
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (ids, captions, elapsed))
@@ -128,7 +157,7 @@ def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
     if rank != 0:
         return None
     print(f"{name}: {len(ids)} images in {elapsed:.1f} s ({len(ids) / max(elapsed, 1e-9):.2f} images/s, "
-          f"{world_size} process(es), batch {args.batch_size})")
+          f"{world_size} process(es), {args.engine} engine, batch {args.batch_size})")
     average_length = sum(len(caption.split()) for caption in captions) / max(len(captions), 1)
     print(f"average caption length: {average_length:.3f} words")
 
@@ -168,9 +197,17 @@ def main(argv=None) -> None:
     num_params = sum(p.numel() for p in model.parameters())
     if num_params > 20e9 or args.dynamic:
         args.num_beams = 1  # as the original: beam search only for small models without dynamic tiles
+    fast_ok = supports_fast_path(model) and args.num_beams == 1 and args.temperature == 0
+    if args.engine == "fast" and not fast_ok:
+        raise SystemExit("evaluate_caption: --engine fast needs an InternLM2-based model with greedy decoding")
+    if args.engine == "auto":
+        args.engine = "fast" if fast_ok else "hf"
+    if args.batch_size is None:
+        args.batch_size = 32 if args.engine == "fast" else 1
     if rank == 0:
         print(f"loaded {args.checkpoint}: {num_params / 1e9:.2f}B parameters, {next(model.parameters()).dtype}, "
-              f"{model.config.llm_config._attn_implementation} attention, LoRA r={model.config.use_llm_lora}")
+              f"{model.config.llm_config._attn_implementation} attention, LoRA r={model.config.use_llm_lora}, "
+              f"{args.engine} engine, batch {args.batch_size}")
     for name in args.datasets.split(","):
         evaluate_set(name, args, model, tokenizer, rank, world_size, device)
     if world_size > 1:
