@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--work", default=None, help="folder for the model and data (default: a temp folder)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="time the fast engine's phases (adds syncs)")
     args = parser.parse_args()
     device = torch.device("cuda")
     work = Path(args.work or tempfile.mkdtemp(prefix="benchmark_eval_"))
@@ -57,15 +58,17 @@ def main() -> None:
 
     def measure(label, engine, batch_size, subset):
         options = SimpleNamespace(engine=engine, batch_size=batch_size, num_workers=args.num_workers, dynamic=True,
-                                  max_num=6, num_beams=1, temperature=0.0)
+                                  max_num=6, num_beams=1, temperature=0.0, profile=args.profile)
         torch.cuda.reset_peak_memory_stats()
-        ids, captions, seconds = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1, device)
+        ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1,
+                                                           device)
         rate = len(ids) / seconds
         row = {"path": label, "engine": engine, "batch": batch_size, "images": len(ids), "seconds": round(seconds, 1),
                "images_per_s": round(rate, 2), "prefill_tokens_per_s": round(rate * prompt_tokens),
                "tflops": round(rate * flops_per_image / 1e12, 1),
                "mfu": round(rate * flops_per_image / 1e12 / peak, 3) if peak else None,
-               "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+               "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "data_wait_s": round(waited, 1)}
         print(row, flush=True)
         return row, captions
 

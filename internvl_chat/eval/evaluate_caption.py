@@ -28,6 +28,7 @@ from internvl_chat.eval.caption_data import (  # noqa: E402
     ContiguousShardSampler,
     collate_images,
     ground_truth_from_entries,
+    single_threaded_worker,
     read_entries,
 )
 from internvl_chat.eval.caption_data import TileGroupedBatches, tile_counts  # noqa: E402
@@ -99,7 +100,8 @@ def caption_batch(model, tokenizer, pixel_values, tiles, generation_config) -> l
 
 
 def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_size, device):
-    """Caption this rank's contiguous block of `entries`; returns (image ids, captions, seconds) in dataset order."""
+    """Caption this rank's contiguous block of `entries`. Returns image ids and captions in dataset order, the
+    seconds taken, and the seconds spent waiting for the data loader (a loader-bound run shows it here)."""
     config = model.config
     dataset = CaptionImages(entries, config.force_image_size or config.vision_config.image_size, args.dynamic,
                             args.max_num, config.use_thumbnail)
@@ -108,12 +110,14 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
         counts = tile_counts(entries, dataset.transform.image_size, args.dynamic, args.max_num, config.use_thumbnail)
         batches = TileGroupedBatches(sampler.indices, counts, args.batch_size)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                            collate_fn=collate_images, pin_memory=device.type == "cuda")
+                            collate_fn=collate_images, pin_memory=device.type == "cuda",
+                            worker_init_fn=single_threaded_worker)
         captioner = FastCaptioner(model, tokenizer, CAPTION_PROMPT, caption_set.max_new_tokens,
-                                  caption_set.min_new_tokens)
+                                  caption_set.min_new_tokens, profile=getattr(args, "profile", False))
     else:
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            collate_fn=collate_images, pin_memory=device.type == "cuda")
+                            collate_fn=collate_images, pin_memory=device.type == "cuda",
+                            worker_init_fn=single_threaded_worker)
     generation_config = dict(num_beams=args.num_beams, max_new_tokens=caption_set.max_new_tokens,
                              min_new_tokens=caption_set.min_new_tokens, do_sample=args.temperature > 0)
     if args.temperature > 0:
@@ -128,26 +132,33 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
     start = time.perf_counter()
     progress = tqdm(total=len(sampler), desc=f"captions rank {rank}", unit="img", disable=rank != 0,
                     dynamic_ncols=True)
+    waited, ready = 0.0, time.perf_counter()
     for image_ids, pixel_values, tiles in loader:
-        pixel_values = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
+        waited += time.perf_counter() - ready
+        pixel_values = dataset.transform.normalize(pixel_values.to(device, non_blocking=True)).to(dtype)
         if args.engine == "fast":
             batch_captions = captioner.caption(pixel_values, tiles[0])
         else:
             batch_captions = caption_batch(model, tokenizer, pixel_values, tiles, generation_config)
         by_id.update(zip(image_ids, batch_captions))
         progress.update(len(image_ids))
+        ready = time.perf_counter()
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if args.engine == "fast" and captioner.timer.enabled:
+        print("fast engine phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in captioner.timer.seconds.items()))
     ids = [entries[index]["image_id"] for index in sampler.indices]  # the shard in dataset order
-    return ids, [by_id[image_id] for image_id in ids], time.perf_counter() - start
+    return ids, [by_id[image_id] for image_id in ids], time.perf_counter() - start, waited
 
 
 def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
     caption_set = CAPTION_SETS[name]
     entries, gt_file = read_entries(caption_set, args.data_root)
-    ids, captions, elapsed = generate_captions(args, caption_set, entries, model, tokenizer, rank, world_size,
-                                               device)
+    ids, captions, elapsed, waited = generate_captions(args, caption_set, entries, model, tokenizer, rank,
+                                                       world_size, device)
+    if rank == 0:
+        print(f"rank 0 waited {waited:.1f} s of {elapsed:.1f} s for images (raise --num-workers if this is large)")
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (ids, captions, elapsed))

@@ -9,6 +9,8 @@ same length: batches are formed per tile count and need no padding at all. Then
 instead of transformers' generate(), whose per-token overhead dominates at this model size.
 Greedy decoding with the original's rules: at least min_new_tokens before <|im_end|> may end a caption.
 """
+import time
+
 import torch
 
 from ..model.conversation import IMG_CONTEXT_TOKEN, image_placeholder
@@ -35,8 +37,26 @@ def supports_fast_path(model) -> bool:
     return model.config.llm_config.architectures[0] == "InternLM2ForCausalLM"
 
 
+class PhaseTimer:
+    """Seconds per phase, measured with a device synchronisation at each boundary (only when enabled)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.seconds, self._last = enabled, {}, None
+
+    def mark(self, phase: str | None, device) -> None:
+        if not self.enabled:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if phase is not None and self._last is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 class FastCaptioner:
-    def __init__(self, model, tokenizer, question: str, max_new_tokens: int = 30, min_new_tokens: int = 8):
+    def __init__(self, model, tokenizer, question: str, max_new_tokens: int = 30, min_new_tokens: int = 8,
+                 profile: bool = False):
         if not supports_fast_path(model):
             raise ValueError("the fast captioner drives InternLM2 decoder layers; use chat()/batch_chat() for "
                              f"{model.config.llm_config.architectures[0]}")
@@ -49,6 +69,7 @@ class FastCaptioner:
         llm = model.language_model
         self.llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # unmerged LoRA: PEFT wrapper
         self._prompt_ids = {}
+        self.timer = PhaseTimer(profile)
 
     def prompt_ids(self, num_tiles: int) -> torch.Tensor:
         if num_tiles not in self._prompt_ids:
@@ -76,8 +97,10 @@ class FastCaptioner:
         model, llm = self.model, self.llm
         batch = pixel_values.shape[0] // num_tiles
         device = pixel_values.device
+        self.timer.mark(None, device)
         ids = self.prompt_ids(num_tiles).to(device).expand(batch, -1)
         features = model.extract_feature(pixel_values)
+        self.timer.mark("vision", device)
         embeds, _ = model.embed_with_images(ids, features, strict=True)
         config = llm.config
         head_dim = config.hidden_size // config.num_attention_heads
@@ -85,6 +108,7 @@ class FastCaptioner:
                               ids.shape[1] + self.max_new_tokens, embeds.dtype, device)
         positions = torch.arange(ids.shape[1], device=device).expand(batch, -1)
         hidden = self._layers(embeds, positions, cache)
+        self.timer.mark("prefill", device)
         output = llm.output
         tokens = torch.empty(batch, self.max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -101,5 +125,6 @@ class FastCaptioner:
                 break
             position = torch.full((batch, 1), cache.length, device=device, dtype=torch.long)
             hidden = self._layers(llm.get_input_embeddings()(next_token[:, None]), position, cache)
+        self.timer.mark("decode", device)
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
         return [text.split(self.sep)[0].strip() for text in texts]
