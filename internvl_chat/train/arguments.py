@@ -58,6 +58,9 @@ class RunArguments:
         "help": "accepted for the tutorial's command line; a run always resumes from its last complete checkpoint "
                 "unless --auto_resume False"})
     auto_resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint-*"})
+    supervised_logits_only: bool = field(default=False, metadata={
+        "help": "fast loss: the LM head only at supervised positions (same loss and gradients as the original, "
+                "without full-vocabulary logits at every position)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"})
 

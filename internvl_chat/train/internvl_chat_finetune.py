@@ -206,6 +206,7 @@ def main(argv: list[str]) -> None:
     trainer = InternVLTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=concat_pad_data_collator, lengths=lengths, flop_model=flop_model, peak_tflops=peak,
+        supervised_logits_only=run_args.supervised_logits_only,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()

@@ -39,8 +39,9 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 class InternVLTrainer(Trainer):
     def __init__(self, *args, lengths: list[int] | None = None, flop_model: FlopModel | None = None,
-                 peak_tflops: float | None = None, **kwargs):
+                 peak_tflops: float | None = None, supervised_logits_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.supervised_logits_only = supervised_logits_only
         self.lengths = lengths
         self.flop_model = flop_model
         self.peak_tflops = peak_tflops
@@ -74,9 +75,15 @@ class InternVLTrainer(Trainer):
         self._window["tokens"] += int(mask.sum())
         if self.flop_model is not None:
             lengths = mask.sum(dim=1).tolist()
+            logit_positions = int((inputs["labels"] != -100).sum()) if self.supervised_logits_only else mask.numel()
             self._window["flops"] += self.flop_model.train_step_flops(
-                int(inputs["pixel_values"].shape[0]), lengths, logit_positions=mask.numel())
+                int(inputs["pixel_values"].shape[0]), lengths, logit_positions=logit_positions)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.supervised_logits_only:
+            inputs = {**inputs, "logits_for_labels_only": True}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window_start is not None:

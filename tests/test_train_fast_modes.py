@@ -1,0 +1,68 @@
+"""Fast training modes give the original's loss and LoRA gradients (fp32, CPU, tiny model)."""
+import pytest
+import torch
+
+from internvl_chat.data.collator import concat_pad_data_collator
+from internvl_chat.data.dataset import build_datasets
+from internvl_chat.data.preprocess import ConversationTokenizer
+from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
+from internvl_chat.synthetic.coco import make_synthetic_coco
+from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    tokenizer = build_tiny_tokenizer(root / "tok", tokenizer_corpus())
+    make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
+    torch.manual_seed(0)
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=len(tokenizer), image_size=224)))
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)  # as after some training: B != 0, so A gets gradients too
+    encoder = ConversationTokenizer(tokenizer, "internlm2-chat", model.num_image_token, 4096)
+    dataset = build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
+    batch = concat_pad_data_collator([dataset[i] for i in (0, 5, 9)])  # different captions, padded
+    return model, batch
+
+
+def loss_and_grads(model, batch, **options):
+    model.zero_grad()
+    loss = model(**batch, **options).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_supervised_logits_only_matches_the_full_logits(setup):
+    model, batch = setup
+    reference_loss, reference_grads = loss_and_grads(model, batch)
+    fast_loss, fast_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    assert torch.allclose(fast_loss, reference_loss, rtol=1e-6, atol=1e-7)
+    assert reference_grads.keys() == fast_grads.keys() and len(fast_grads) == 2 * 5 * 2
+    for name, grad in reference_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    output = model(**batch, logits_for_labels_only=True)
+    assert output.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
+    from transformers import TrainingArguments
+
+    from internvl_chat.train.trainer import InternVLTrainer
+
+    model, batch = setup
+    arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    fast = InternVLTrainer(model=model, args=arguments, supervised_logits_only=True)
+    with torch.no_grad():
+        loss, outputs = fast.compute_loss(model, dict(batch), return_outputs=True)
+        reference = model(**batch).loss
+    assert torch.allclose(loss, reference, rtol=1e-6)
+    assert outputs.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())  # the fast path ran
