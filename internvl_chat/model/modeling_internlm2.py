@@ -29,6 +29,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of position t predicting label t+1 (labels are not shifted; -100 is ignored)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1).to(logits.device))
+
+
 class InternLM2RotaryEmbedding(nn.Module):
     """cos/sin for the given positions, computed in fp32; linear scaling divides positions by the factor,
     dynamic NTK enlarges the base only when the sequence is longer than max_position_embeddings."""
@@ -292,11 +298,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.output(hidden_states[:, keep, :]).float()
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
-            )
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not return_dict:
             out = (logits, outputs.past_key_values, outputs.hidden_states)

@@ -17,7 +17,7 @@ from transformers.utils import is_flash_attn_2_available
 from .configuration_internvl_chat import InternVLChatConfig
 from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
 from .modeling_intern_vit import InternVisionModel
-from .modeling_internlm2 import InternLM2ForCausalLM
+from .modeling_internlm2 import InternLM2ForCausalLM, causal_lm_loss
 
 LLM_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -232,9 +232,7 @@ class InternVLChatModel(PreTrainedModel):
         logits = outputs.logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
-            )
+            loss = causal_lm_loss(logits, labels)
             if not matched:
                 loss = loss * 0.0
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -296,9 +294,17 @@ class InternVLChatModel(PreTrainedModel):
         template.append_message(template.roles[1], None)
         return template.get_prompt()
 
-    def _end_of_turn(self, tokenizer) -> tuple[int, str]:
+    def _answers(self, tokenizer, pixel_values, model_inputs, generation_config: dict) -> list[str]:
+        """Generate until the template's end-of-turn token; decode and cut each answer there."""
         sep = get_conv_template(self.template).sep.strip()
-        return tokenizer.convert_tokens_to_ids(sep), sep
+        device = self.language_model.get_input_embeddings().weight.device
+        output_ids = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **dict(generation_config, eos_token_id=tokenizer.convert_tokens_to_ids(sep)),
+        )
+        return [text.split(sep)[0].strip() for text in tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
 
     def chat(
         self,
@@ -328,17 +334,7 @@ class InternVLChatModel(PreTrainedModel):
         for num_patches in num_patches_list:
             query = query.replace("<image>", image_placeholder(self.num_image_token, num_patches), 1)
         model_inputs = tokenizer(query, return_tensors="pt")
-        device = self.language_model.get_input_embeddings().weight.device
-        eos_token_id, sep = self._end_of_turn(tokenizer)
-        generation_config = dict(generation_config, eos_token_id=eos_token_id)
-        output_ids = self.generate(
-            pixel_values=pixel_values,
-            input_ids=model_inputs["input_ids"].to(device),
-            attention_mask=model_inputs["attention_mask"].to(device),
-            **generation_config,
-        )
-        response = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
-        response = response.split(sep)[0].strip()
+        response = self._answers(tokenizer, pixel_values, model_inputs, generation_config)[0]
         history = (history or []) + [(question, response)]
         if verbose:
             print(image_placeholder_collapsed(query), response, sep="\n")
@@ -378,17 +374,7 @@ class InternVLChatModel(PreTrainedModel):
             model_inputs = tokenizer(queries, return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = padding_side
-        device = self.language_model.get_input_embeddings().weight.device
-        eos_token_id, sep = self._end_of_turn(tokenizer)
-        generation_config = dict(generation_config, eos_token_id=eos_token_id)
-        output_ids = self.generate(
-            pixel_values=pixel_values,
-            input_ids=model_inputs["input_ids"].to(device),
-            attention_mask=model_inputs["attention_mask"].to(device),
-            **generation_config,
-        )
-        responses = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [response.split(sep)[0].strip() for response in responses]
+        return self._answers(tokenizer, pixel_values, model_inputs, generation_config)
 
 
 # Every save_pretrained of this model (tools, Trainer checkpoints, merges) writes auto_map and copies these
