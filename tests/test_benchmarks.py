@@ -1,0 +1,22 @@
+"""The benchmark tools run end to end on a tiny model on the CPU (their GPU numbers are in docs/)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from internvl_chat.synthetic.checkpoint import build_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_train_measures_every_mode(tmp_path):
+    model = build_checkpoint(tmp_path / "tiny", seed=0, image_size=224)
+    result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_train.py"), "--model", str(model),
+                             "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2",
+                             "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["faithful", "supervised_logits", "no_checkpointing",
+                                             "no_checkpointing+supervised_logits"]
+    assert all(row["captions_per_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert "| faithful |" in result.stdout

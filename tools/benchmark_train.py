@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Training-step speed of the LoRA recipe, mode by mode, measured in the same run on the same batches.
+
+  python tools/benchmark_train.py --like InternVL2-2B --modes faithful,supervised_logits,no_checkpointing
+  python tools/benchmark_train.py --model pretrained/InternVL2-tiny --device cpu --steps 2   # smoke test
+
+Modes (combine with '+'):
+  faithful           what the original computes: full-vocabulary logits at every position, gradient checkpointing
+  supervised_logits  the LM head only where a label is supervised (--supervised_logits_only)
+  no_checkpointing   keep activations instead of recomputing them
+Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
+data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
+step is forward + backward + AdamW on the LoRA r128 adapters (bf16 weights on a GPU, fp32 on a CPU).
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from internvl_chat.data.collator import concat_pad_data_collator  # noqa: E402
+from internvl_chat.data.dataset import build_datasets  # noqa: E402
+from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
+from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
+from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
+from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
+from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
+
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing"}
+
+
+def prepare(args, work: Path):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_dir = Path(args.model) if args.model else work / args.like
+    if not args.model and not (model_dir / "config.json").exists():
+        build_checkpoint(model_dir, like=args.like, dtype=dtype, device=args.device)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=0.05)
+    model.language_model.config.use_cache = False
+    images = args.batch * (args.steps + args.warmup) // 5 + 1
+    make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0, image_size=(640, 480),
+                        meta_path=work / "meta.json", force=True)
+    encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
+    dataset = build_datasets(work / "meta.json", encoder, image_size=model.config.force_image_size,
+                             max_dynamic_patch=6)
+    batches = []
+    for step in range(args.steps + args.warmup):
+        batch = concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)])
+        batches.append({k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()})
+    return model, batches, device
+
+
+def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
+    llm = model.language_model
+    if "no_checkpointing" in mode:
+        llm.gradient_checkpointing_disable()
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+    fast_loss = "supervised_logits" in mode
+    losses, samples, tokens, flops = [], 0, 0, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for index, batch in enumerate(batches):
+        if index == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = model(**batch, logits_for_labels_only=fast_loss).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if index >= warmup:
+            mask = batch["attention_mask"]
+            positions = int((batch["labels"] != -100).sum()) if fast_loss else mask.numel()
+            samples += mask.shape[0]
+            tokens += int(mask.sum())
+            flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), mask.sum(1).tolist(), positions)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    for parameter in trainable:  # the next mode starts from the same adapters
+        parameter.grad = None
+    row = {"mode": "+".join(sorted(mode)), "captions_per_s": round(samples / seconds, 2),
+           "tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1),
+           "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None, "first_loss": round(losses[0], 4),
+           "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--like", default="InternVL2-2B", help="random weights with this model's shapes")
+    parser.add_argument("--model", default=None, help="an existing checkpoint instead of --like")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=4, help="captions per step (the tutorial's per-device 4)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
+                                           "supervised_logits+no_checkpointing")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    modes = [set(m.split("+")) for m in args.modes.split(",")]
+    for mode in modes:
+        unknown = mode - KNOWN_MODES
+        if unknown:
+            parser.error(f"unknown mode(s) {sorted(unknown)}; known: {sorted(KNOWN_MODES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, batches, device = prepare(args, Path(tmp))
+        flop_model = FlopModel.from_config(model.config, lora_rank=128)
+        peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        rows = [run_mode(model, batches, device, mode, args.warmup, flop_model, peak) for mode in modes]
+    baseline = rows[0]["captions_per_s"]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{name}, {args.model or args.like}, batch {args.batch}, {args.steps} timed steps per mode")
+    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB | vs first row |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['mode']} | {row['captions_per_s']} | {row['tokens_per_s']:,} | {row['tflops']} | "
+              f"{row['mfu']} | {row['peak_memory_gb']} | {row['captions_per_s'] / baseline:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
