@@ -103,7 +103,7 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
     """Caption this rank's contiguous block of `entries`. Returns image ids and captions in dataset order, the
     seconds taken, and the seconds spent waiting for the data loader (a loader-bound run shows it here)."""
     config = model.config
-    dataset = CaptionImages(entries, config.force_image_size or config.vision_config.image_size, args.dynamic,
+    dataset = CaptionImages(entries, config.tile_size, args.dynamic,
                             args.max_num, config.use_thumbnail)
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     if args.engine == "fast":

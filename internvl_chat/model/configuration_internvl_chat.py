@@ -3,8 +3,6 @@
 `llm_config` is dispatched on `architectures[0]`, as in the original: InternLM2 uses our own config class,
 Llama, Qwen2 and Phi3 use the transformers ones.
 """
-import copy
-
 from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
 from .configuration_intern_vit import InternVisionConfig
@@ -94,11 +92,6 @@ class InternVLChatConfig(PretrainedConfig):
 
     @property
     def tile_size(self) -> int:
+        """The side of one image tile: force_image_size when set (InternVL2: 448), else the ViT's own size."""
         return self.force_image_size or self.vision_config.image_size
 
-    def __deepcopy__(self, memo):
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            setattr(clone, key, copy.deepcopy(value, memo))
-        return clone

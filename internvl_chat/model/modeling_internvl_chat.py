@@ -88,7 +88,7 @@ class InternVLChatModel(PreTrainedModel):
         config.llm_config._attn_implementation = attn
 
         vision_config = config.vision_config
-        image_size = config.force_image_size or vision_config.image_size
+        image_size = config.tile_size
         self.patch_size = vision_config.patch_size
         self.select_layer = config.select_layer
         self.template = config.template

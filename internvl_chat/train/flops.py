@@ -42,7 +42,7 @@ class FlopModel:
         qkv_out = hidden + 2 * kv_heads * head_dim
         per_layer = hidden * qkv_out + hidden * hidden + 3 * hidden * inter
         lora = lora_rank * ((hidden + qkv_out) + 2 * hidden + 2 * (hidden + inter) + (inter + hidden))
-        tile = config.force_image_size or vision.image_size
+        tile = config.tile_size
         return cls(
             vit_hidden=vision.hidden_size, vit_intermediate=vision.intermediate_size,
             vit_layers=vision.num_hidden_layers, vit_tokens=(tile // vision.patch_size) ** 2 + 1,
