@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     encoder = ConversationTokenizer(tokenizer, "internlm2-chat", model.num_image_token, 4096)
     dataset = build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
     batch = concat_pad_data_collator([dataset[i] for i in (0, 5, 9)])  # different captions, padded
-    return model, batch
+    return model, batch, dataset
 
 
 def loss_and_grads(model, batch, **options):
@@ -41,7 +41,7 @@ def loss_and_grads(model, batch, **options):
 
 
 def test_supervised_logits_only_matches_the_full_logits(setup):
-    model, batch = setup
+    model, batch, _ = setup
     reference_loss, reference_grads = loss_and_grads(model, batch)
     fast_loss, fast_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
     assert torch.allclose(fast_loss, reference_loss, rtol=1e-6, atol=1e-7)
@@ -58,7 +58,7 @@ def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
 
     from internvl_chat.train.trainer import InternVLTrainer
 
-    model, batch = setup
+    model, batch, _ = setup
     arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     fast = InternVLTrainer(model=model, args=arguments, supervised_logits_only=True)
     with torch.no_grad():
@@ -66,3 +66,29 @@ def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
         reference = model(**batch).loss
     assert torch.allclose(loss, reference, rtol=1e-6)
     assert outputs.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())  # the fast path ran
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_image_sequences_match_per_caption_batches(setup, attn):
+    """One sequence per picture (prefix once, captions as segments) trains exactly like the per-caption
+    micro-batch of the same captions: same loss, same LoRA gradients."""
+    from internvl_chat.data.collator import shared_image_collator
+
+    model, _, dataset = setup
+    groups = dataset.datasets[0].image_groups()
+    first, second = [[dataset[i] for i in group[:3]] for group in groups[:2]]
+    previous = model.config.llm_config._attn_implementation
+    model.config.llm_config._attn_implementation = attn
+    try:
+        reference_loss, reference_grads = loss_and_grads(model, concat_pad_data_collator(first + second))
+        grouped = shared_image_collator([first, second])
+        assert grouped["pixel_values"].shape[0] == first[0]["pixel_values"].shape[0] * 2  # each image once
+        assert grouped["input_ids"].shape[1] < sum(len(item["input_ids"]) for item in first)
+        grouped_loss, grouped_grads = loss_and_grads(model, grouped)
+        fast_loss, _ = loss_and_grads(model, grouped, logits_for_labels_only=True)
+    finally:
+        model.config.llm_config._attn_implementation = previous
+    assert torch.allclose(grouped_loss, reference_loss, rtol=1e-5)
+    assert torch.allclose(fast_loss, reference_loss, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        assert torch.allclose(grouped_grads[name], grad, rtol=1e-3, atol=1e-7), name

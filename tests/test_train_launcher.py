@@ -135,3 +135,16 @@ def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
                            after["language_model.model.layers.0.attention.wqkv.weight"])
     assert torch.equal(before["vision_model.encoder.layers.0.attn.qkv.weight"],
                        after["vision_model.encoder.layers.0.attn.qkv.weight"])  # the ViT stays frozen
+
+
+def test_shared_image_mode_trains_through_the_launcher(world):
+    run = launch(world, "group_by_image", 1, 3, 3, "--group_by_image", "True", "--supervised_logits_only", "True",
+                 "--group_by_length", "False")
+    log = (run / "training_log.txt").read_text()
+    assert "Grouping captions by picture: 8 pictures, 40 captions" in log
+    curve = losses(run)
+    assert len(curve) == 3 and curve[-1] < curve[0]
+    history = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    # 2 pictures a micro-batch x 4 accumulation = 8 pictures = 40 captions per optimizer step
+    assert history[-1]["samples_per_second"] > 0
+    assert all("lora_B" not in k or v.abs().sum() > 0 for k, v in adapter(run).items())

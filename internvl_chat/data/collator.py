@@ -27,3 +27,71 @@ def concat_pad_data_collator(features: list[dict], pad_id: int = COLLATOR_PAD_ID
         "image_flags": torch.cat([feature["image_flags"] for feature in features]),
     }
     return batch
+
+
+def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_ID) -> dict:
+    """Batch of image groups, each group = the dataset items of one picture (same prompt, different captions).
+
+    Each group becomes ONE sequence: the shared prefix (system, user turn, image tokens, assistant header but for
+    its last token) once, then every caption as a segment that starts with that last header token (the position
+    whose logits predict the caption's first token). A segment attends to the prefix and to itself only, with
+    positions continuing from the prefix, so every (context, target) pair of the per-caption batch is kept
+    exactly, while the ViT and the ~1,850 prefix tokens are computed once per picture instead of per caption.
+    attention_mask is a boolean [B, 1, L, L] (True: may attend)."""
+    sequences, labels, positions, spans, pixel_values, image_flags = [], [], [], [], [], []
+    for items in groups:
+        first = items[0]
+        supervised = (first["labels"] != IGNORE_INDEX).nonzero()
+        prefix_length = int(supervised[0]) - 1 if len(supervised) else len(first["input_ids"])
+        prefix = first["input_ids"][:prefix_length]
+        ids, label_parts, position_parts, segment_spans = [prefix], [torch.full_like(prefix, IGNORE_INDEX)], \
+            [torch.arange(prefix_length)], []
+        cursor = prefix_length
+        for item in items:
+            if not torch.equal(item["input_ids"][:prefix_length], prefix):
+                raise ValueError("items of one image group must share the prompt (same picture, same question)")
+            segment = item["input_ids"][prefix_length:]
+            segment_labels = item["labels"][prefix_length:].clone()
+            segment_labels[0] = IGNORE_INDEX  # the repeated header token is no target of the previous caption
+            ids.append(segment)
+            label_parts.append(segment_labels)
+            position_parts.append(torch.arange(prefix_length, prefix_length + len(segment)))
+            segment_spans.append((cursor, cursor + len(segment)))
+            cursor += len(segment)
+        sequences.append(torch.cat(ids))
+        labels.append(torch.cat(label_parts))
+        positions.append(torch.cat(position_parts))
+        spans.append((prefix_length, segment_spans))
+        pixel_values.append(first["pixel_values"])
+        image_flags.append(first["image_flags"])
+
+    longest = max(len(sequence) for sequence in sequences)
+    batch = len(groups)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    label_rows = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((batch, longest), dtype=torch.long)
+    mask = torch.zeros((batch, 1, longest, longest), dtype=torch.bool)
+    for row, (sequence, label, position, (prefix_length, segment_spans)) in enumerate(
+            zip(sequences, labels, positions, spans)):
+        input_ids[row, : len(sequence)] = sequence
+        label_rows[row, : len(label)] = label
+        position_ids[row, : len(position)] = position
+        mask[row, 0, :prefix_length, :prefix_length] = torch.ones(prefix_length, prefix_length).tril().bool()
+        for start, end in segment_spans:
+            mask[row, 0, start:end, :prefix_length] = True
+            mask[row, 0, start:end, start:end] = torch.ones(end - start, end - start).tril().bool()
+        padding = torch.arange(len(sequence), longest)
+        mask[row, 0, padding, padding] = True  # padding attends to itself only: no empty softmax rows
+    return {"input_ids": input_ids, "labels": label_rows, "attention_mask": mask, "position_ids": position_ids,
+            "pixel_values": torch.cat(pixel_values), "image_flags": torch.cat(image_flags)}
+
+
+def image_grouping_collator(features: list[dict]) -> dict:
+    """Items arrive picture by picture (ImageGroupedBatchSampler); consecutive items of one picture form a group."""
+    groups = []
+    for feature in features:
+        if groups and int(groups[-1][-1]["image_key"]) == int(feature["image_key"]):
+            groups[-1].append(feature)
+        else:
+            groups.append([feature])
+    return shared_image_collator(groups)

@@ -8,6 +8,7 @@ instead) and counted, so one broken file among half a million does not kill a mu
 import json
 import logging
 import random
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -157,7 +158,10 @@ class SupervisedDataset(Dataset):
         sample = self.tokenizer(conversations, num_tiles)
         if sample.mismatch:
             logger.warning("%s: tokenization mismatch, the sample's labels are all ignored", self.where(index))
-        return {**sample.as_dict(), "pixel_values": pixel_values, "image_flags": image_flags}
+        # which picture this is, so a collator can put the captions of one picture together
+        image_key = zlib.crc32(json.dumps(item.get("image")).encode()) if paths else -1 - index
+        return {**sample.as_dict(), "pixel_values": pixel_values, "image_flags": image_flags,
+                "image_key": torch.tensor(image_key, dtype=torch.long)}
 
     def image_groups(self) -> list[list[int]]:
         """Indices grouped by image (all captions of one picture together), in first-seen order."""
@@ -169,6 +173,15 @@ class SupervisedDataset(Dataset):
                 key = f"bad:{index}"
             groups[json.dumps(key)].append(index)
         return list(groups.values())
+
+
+def image_groups(dataset: ConcatDataset) -> list[list[int]]:
+    """Indices of the concatenated dataset grouped by picture, over all of its parts."""
+    groups, offset = [], 0
+    for part in dataset.datasets:
+        groups += [[offset + index for index in group] for group in part.image_groups()]
+        offset += len(part)
+    return groups
 
 
 def load_meta(meta_path: str | Path) -> dict:

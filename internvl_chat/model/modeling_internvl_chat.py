@@ -218,6 +218,7 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
+        attention_mask = self._attention_mask_for_backend(attention_mask, inputs_embeds.dtype)
         if labels is not None and logits_for_labels_only:
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched)
         outputs = self.language_model(
@@ -242,6 +243,15 @@ class InternVLChatModel(PreTrainedModel):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    def _attention_mask_for_backend(self, attention_mask, dtype):
+        """A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA
+        and flex as it is; eager attention adds its mask to the scores, so it gets 0 / -inf instead."""
+        if (attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool
+                or self.config.llm_config._attn_implementation != "eager"):
+            return attention_mask
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return bias.masked_fill(~attention_mask, torch.finfo(dtype).min)
 
     def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, matched):
         llm = self.language_model

@@ -49,6 +49,9 @@ class DataTrainingArguments:
     max_dynamic_patch: int = field(default=12, metadata={"help": "most tiles per image, thumbnail excluded"})
     normalize_type: str = field(default="imagenet", metadata={"help": "imagenet | clip | siglip"})
     group_by_length: bool = field(default=False, metadata={"help": "the original's length-grouped sampler"})
+    group_by_image: bool = field(default=False, metadata={
+        "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
+                "caption seeing only the prompt and itself); --per_device_train_batch_size then counts pictures"})
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})
 
 

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from internvl_chat.data.collator import concat_pad_data_collator  # noqa: E402
-from internvl_chat.data.dataset import build_datasets  # noqa: E402
+from internvl_chat.data.collator import concat_pad_data_collator, image_grouping_collator  # noqa: E402
+from internvl_chat.data.dataset import build_datasets, image_groups  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN, INTERNVL_ADDED_TOKENS  # noqa: E402
@@ -194,8 +194,11 @@ def main(argv: list[str]) -> None:
         max_dynamic_patch=data_args.max_dynamic_patch, normalize_type=data_args.normalize_type,
         seed=training_args.seed, strict=data_args.strict_data,
     )
-    lengths = None
-    if data_args.group_by_length:
+    lengths, groups, collator = None, None, concat_pad_data_collator
+    if data_args.group_by_image:
+        groups, collator = image_groups(dataset), image_grouping_collator
+        logger.info("Grouping captions by picture: %d pictures, %d captions", len(groups), len(dataset))
+    elif data_args.group_by_length:
         lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
 
     flop_model = FlopModel.from_config(model.config, lora_rank=model_args.use_llm_lora,
@@ -205,8 +208,8 @@ def main(argv: list[str]) -> None:
     set_seed(training_args.seed)
     trainer = InternVLTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=concat_pad_data_collator, lengths=lengths, flop_model=flop_model, peak_tflops=peak,
-        supervised_logits_only=run_args.supervised_logits_only,
+        data_collator=collator, lengths=lengths, flop_model=flop_model, peak_tflops=peak,
+        supervised_logits_only=run_args.supervised_logits_only, image_groups=groups,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()

@@ -6,10 +6,14 @@ import re
 import time
 from pathlib import Path
 
-import torch
-from transformers import Trainer
+from functools import partial
 
-from ..data.samplers import LengthGroupedSampler
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import seed_worker
+
+from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from .flops import FlopModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -39,8 +43,10 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 class InternVLTrainer(Trainer):
     def __init__(self, *args, lengths: list[int] | None = None, flop_model: FlopModel | None = None,
-                 peak_tflops: float | None = None, supervised_logits_only: bool = False, **kwargs):
+                 peak_tflops: float | None = None, supervised_logits_only: bool = False,
+                 image_groups: list[list[int]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.image_groups = image_groups
         self.supervised_logits_only = supervised_logits_only
         self.lengths = lengths
         self.flop_model = flop_model
@@ -56,6 +62,19 @@ class InternVLTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         return LengthGroupedSampler(self.args.train_batch_size, world, self.lengths, generator)
 
+    def get_train_dataloader(self):
+        """With image groups, a micro-batch is per_device_train_batch_size pictures with all their captions;
+        accelerate deals the batches out to the ranks as it does for any other sampler."""
+        if self.image_groups is None:
+            return super().get_train_dataloader()
+        sampler = ImageGroupedBatchSampler(self.image_groups, self.args.per_device_train_batch_size,
+                                           seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+                            worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                                   rank=self.args.process_index))
+        return self.accelerator.prepare(loader)
+
     def set_initial_training_values(self, args, dataloader):
         """Epoch-based runs take the original's step count: whole accumulation windows only (566,747 COCO
         captions at 8 x 4 x 16 give 1106 steps; transformers 5 would round the last partial window up to 1107).
@@ -70,10 +89,13 @@ class InternVLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        mask = inputs["attention_mask"]
-        self._window["samples"] += mask.shape[0]
-        self._window["tokens"] += int(mask.sum())
+        labels = inputs["labels"]
+        real = inputs["input_ids"] != 0  # the collators pad with id 0
+        # a caption is a run of supervised labels: one per row, or several per row with shared image prefixes
+        self._window["samples"] += int(((labels[:, 1:] != -100) & (labels[:, :-1] == -100)).sum())
+        self._window["tokens"] += int(real.sum())
         if self.flop_model is not None:
+            mask = real
             lengths = mask.sum(dim=1).tolist()
             logit_positions = int((inputs["labels"] != -100).sum()) if self.supervised_logits_only else mask.numel()
             self._window["flops"] += self.flop_model.train_step_flops(
