@@ -17,6 +17,6 @@ def test_benchmark_train_measures_every_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [row["mode"] for row in rows] == ["faithful", "supervised_logits", "no_checkpointing",
-                                             "no_checkpointing+supervised_logits"]
+                                             "no_checkpointing+supervised_logits", "shared_image+supervised_logits"]
     assert all(row["captions_per_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
     assert "| faithful |" in result.stdout

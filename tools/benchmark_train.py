@@ -8,6 +8,7 @@ Modes (combine with '+'):
   faithful           what the original computes: full-vocabulary logits at every position, gradient checkpointing
   supervised_logits  the LM head only where a label is supervised (--supervised_logits_only)
   no_checkpointing   keep activations instead of recomputing them
+  shared_image       one sequence per picture with all its captions (--group_by_image); a step is one picture
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (bf16 weights on a GPU, fp32 on a CPU).
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from internvl_chat.data.collator import concat_pad_data_collator  # noqa: E402
+from internvl_chat.data.collator import concat_pad_data_collator, shared_image_collator  # noqa: E402
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
@@ -31,7 +32,7 @@ from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
-KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing"}
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image"}
 
 
 def prepare(args, work: Path):
@@ -47,17 +48,21 @@ def prepare(args, work: Path):
         parameter.requires_grad = False
     model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=0.05)
     model.language_model.config.use_cache = False
-    images = args.batch * (args.steps + args.warmup) // 5 + 1
+    images = args.batch * (args.steps + args.warmup) // 5 + args.steps + args.warmup + 1
     make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0, image_size=(640, 480),
                         meta_path=work / "meta.json", force=True)
     encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
     dataset = build_datasets(work / "meta.json", encoder, image_size=model.config.force_image_size,
                              max_dynamic_patch=6)
-    batches = []
-    for step in range(args.steps + args.warmup):
-        batch = concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)])
-        batches.append({k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()})
-    return model, batches, device
+    def to_device(batch):
+        return {k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
+
+    steps = args.steps + args.warmup
+    batches = [to_device(concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)]))
+               for step in range(steps)]
+    groups = dataset.datasets[0].image_groups()
+    shared = [to_device(shared_image_collator([[dataset[i] for i in groups[step]]])) for step in range(steps)]
+    return model, {"per_caption": batches, "shared_image": shared}, device
 
 
 def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
@@ -84,11 +89,12 @@ def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if index >= warmup:
-            mask = batch["attention_mask"]
-            positions = int((batch["labels"] != -100).sum()) if fast_loss else mask.numel()
-            samples += mask.shape[0]
-            tokens += int(mask.sum())
-            flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), mask.sum(1).tolist(), positions)
+            real = batch["input_ids"] != 0
+            labels = batch["labels"]
+            positions = int((labels != -100).sum()) if fast_loss else real.numel()
+            samples += int(((labels[:, 1:] != -100) & (labels[:, :-1] == -100)).sum())  # captions
+            tokens += int(real.sum())
+            flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), real.sum(1).tolist(), positions)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -111,7 +117,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
-                                           "supervised_logits+no_checkpointing")
+                                           "supervised_logits+no_checkpointing,shared_image+supervised_logits")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     modes = [set(m.split("+")) for m in args.modes.split(",")]
@@ -123,7 +129,8 @@ def main() -> None:
         model, batches, device = prepare(args, Path(tmp))
         flop_model = FlopModel.from_config(model.config, lora_rank=128)
         peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
-        rows = [run_mode(model, batches, device, mode, args.warmup, flop_model, peak) for mode in modes]
+        rows = [run_mode(model, batches["shared_image" if "shared_image" in mode else "per_caption"], device, mode,
+                         args.warmup, flop_model, peak) for mode in modes]
     baseline = rows[0]["captions_per_s"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, {args.model or args.like}, batch {args.batch}, {args.steps} timed steps per mode")
