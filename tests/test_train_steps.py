@@ -1,5 +1,4 @@
 """Step counting follows the original: whole gradient-accumulation windows only."""
-import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainingArguments
 

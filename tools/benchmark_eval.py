@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -66,9 +66,9 @@ def data_setup(args) -> tuple[Path, list[str]]:
     from internvl_chat.synthetic.coco import SCENES_JSON, make_synthetic_coco
 
     coco = REPO / "data/coco"
-    data_root, root_args = REPO, []
+    root_args = []
     if coco.exists() and any(coco.iterdir()) and not (coco / SCENES_JSON).exists():
-        data_root, root_args = args.out, ["--data-root", str(args.out)]
+        root_args = ["--data-root", str(args.out)]
         coco = args.out / "data/coco"
         print(f"data/coco holds a real COCO: the synthetic one goes to {coco}")
     meta = args.out / "coco_caption.json"

@@ -8,7 +8,6 @@ command line, freezing, LoRA wrapping, datasets, Trainer. On top: resume from th
 throughput/MFU logging, the fine-tune's tiling settings kept in the saved config.
 """
 import logging
-import os
 import sys
 from pathlib import Path
 
