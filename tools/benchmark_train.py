@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from internvl_chat.data.collator import concat_pad_data_collator, shared_image_collator  # noqa: E402
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
+from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
@@ -43,7 +44,7 @@ def prepare(args, work: Path):
         build_checkpoint(model_dir, like=args.like, dtype=dtype, device=args.device)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     for parameter in model.parameters():
         parameter.requires_grad = False
     model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=0.05)

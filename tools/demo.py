@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from internvl_chat.data.validate import image_id_from_name  # noqa: E402
+
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 LAUNCHER = "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
 MODEL = "pretrained/InternVL2-tiny"
@@ -85,12 +87,13 @@ def chat_with_automodel(merged: Path, image: Path) -> str:
         "from transformers import AutoModel, AutoTokenizer\n"
         "sys.path.insert(0, '.')\n"
         "from internvl_chat.data.transforms import load_image\n"
+        "from internvl_chat.eval.caption_data import CAPTION_PROMPT\n"
         "path = sys.argv[1]\n"
         "model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()\n"
         "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n"
         "pixel_values = load_image(sys.argv[2], image_size=model.config.force_image_size,\n"
         "                          max_num=model.config.max_dynamic_patch)\n"
-        "answer = model.chat(tokenizer, pixel_values, 'Provide a one-sentence caption for the provided image.',\n"
+        "answer = model.chat(tokenizer, pixel_values, CAPTION_PROMPT,\n"
         "                    dict(max_new_tokens=30, do_sample=False))\n"
         "print('AutoModel caption:', answer)\n")
     output = run([sys.executable, "-c", script, str(merged), str(image)], env={"HF_HUB_OFFLINE": "1"})
@@ -135,7 +138,7 @@ def write_report(args, before, after, before_results, after_results, test_entrie
     after_by_id = {r["image_id"]: r["caption"] for r in after_results}
     cards = []
     for entry in test_entries[: args.html_images]:
-        image_id = int(entry["image"].split("_")[-1][:-4])
+        image_id = image_id_from_name(entry["image"])
         image = Path(entry["image_path"])
         target = out / "images" / image.name
         target.parent.mkdir(exist_ok=True)

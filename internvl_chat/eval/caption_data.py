@@ -1,6 +1,5 @@
 """Caption evaluation sets: where they live, how an entry becomes tiles, and contiguous sharding over ranks."""
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data.transforms import TileTransform, dynamic_preprocess, open_image
+from ..data.validate import image_id_from_name
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
@@ -28,14 +28,6 @@ CAPTION_SETS = {
     "nocaps": CaptionSet("data/nocaps/images/", "data/nocaps/nocaps_val_4500_captions.json",
                          "data/nocaps/nocaps_val_4500_captions.json"),
 }
-
-
-def image_id_from_name(name: str) -> int:
-    """COCO_val2014_000000391895.jpg -> 391895 (the trailing number of the file name)."""
-    digits = re.findall(r"\d+", Path(name).stem)
-    if not digits:
-        raise ValueError(f"no image id in file name {name}")
-    return int(digits[-1])
 
 
 def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple[list[dict], Path]:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from internvl_chat.eval.caption_data import CAPTION_PROMPT  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 
@@ -53,7 +54,7 @@ def main():
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     pixels = torch.randn(args.tiles, 3, 448, 448, device="cuda", generator=generator, dtype=torch.bfloat16)
-    question = "Provide a one-sentence caption for the provided image."
+    question = CAPTION_PROMPT
     fixed = dict(do_sample=False, num_beams=1)
     model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=2))  # warm-up
     one, report["chat_1_token_s"] = timed(lambda: model.chat(tokenizer, pixels, question,
