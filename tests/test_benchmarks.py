@@ -10,13 +10,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_train_measures_every_mode(tmp_path):
+    """On the same captions (--same-captions) every mode follows the faithful loss curve (fp32, no dropout)."""
     model = build_checkpoint(tmp_path / "tiny", seed=0, image_size=224)
     result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_train.py"), "--model", str(model),
-                             "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "2",
+                             "--device", "cpu", "--steps", "2", "--warmup", "1", "--pictures", "1",
+                             "--same-captions", "--lora-dropout", "0", "--lr", "1e-3",
                              "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert [row["mode"] for row in rows] == ["faithful", "supervised_logits", "no_checkpointing",
-                                             "no_checkpointing+supervised_logits", "shared_image+supervised_logits"]
+    assert [row["mode"] for row in rows] == [
+        "faithful", "supervised_logits", "no_checkpointing", "no_checkpointing+supervised_logits",
+        "shared_image+supervised_logits", "no_checkpointing+shared_image+supervised_logits"]
     assert all(row["captions_per_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    faithful = rows[0]["losses"]
+    assert len(faithful) == 3  # steps 2 and 3 start from adapters that earlier steps updated
+    for row in rows[1:]:
+        assert max(abs(a - b) for a, b in zip(row["losses"], faithful)) < 1e-4, row["mode"]
     assert "| faithful |" in result.stdout

@@ -1,4 +1,6 @@
 """Fast training modes give the original's loss and LoRA gradients (fp32, CPU, tiny model)."""
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,38 @@ def test_supervised_logits_only_matches_the_full_logits(setup):
         assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-8), name
     output = model(**batch, logits_for_labels_only=True)
     assert output.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_right_padding_needs_no_mask(setup, attn):
+    """The collator pads on the right; the forward then drops the mask (causal attention never lets a real token
+    see a pad). Loss and gradients equal those with the padding spelled out as a 4D mask, which is kept."""
+    model, batch, _ = setup
+    assert not batch["attention_mask"].all()  # the batch really is padded
+    model.language_model.config._attn_implementation = attn
+    length = batch["input_ids"].shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    explicit = dict(batch, attention_mask=causal[None, None] & batch["attention_mask"].bool()[:, None, None, :])
+    try:
+        loss, grads = loss_and_grads(model, batch)
+        masked_loss, masked_grads = loss_and_grads(model, explicit)
+    finally:
+        model.language_model.config._attn_implementation = "sdpa"
+    assert torch.allclose(loss, masked_loss, rtol=1e-6, atol=1e-7)
+    for name, grad in masked_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-8), name
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(setup):
+    model, batch, _ = setup
+    reference_loss, reference_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    compiled = copy.deepcopy(model)
+    assert compiled.compile_blocks() == 2 + 2  # the tiny model's ViT layers and decoder layers
+    loss, grads = loss_and_grads(compiled, batch, logits_for_labels_only=True)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in reference_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-6), name
+    assert sorted(compiled.state_dict()) == sorted(model.state_dict())  # checkpoints keep their keys
 
 
 def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):

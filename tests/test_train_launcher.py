@@ -139,8 +139,9 @@ def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
 
 def test_shared_image_mode_trains_through_the_launcher(world):
     run = launch(world, "group_by_image", 1, 3, 3, "--group_by_image", "True", "--supervised_logits_only", "True",
-                 "--group_by_length", "False")
+                 "--group_by_length", "False", "--compile_blocks", "True")
     log = (run / "training_log.txt").read_text()
+    assert "torch.compile: 4 transformer blocks" in log
     assert "Grouping captions by picture: 8 pictures, 40 captions" in log
     curve = losses(run)
     assert len(curve) == 3 and curve[-1] < curve[0]

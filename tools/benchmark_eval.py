@@ -2,7 +2,9 @@
 """Caption-evaluation speed: the original's path (chat() one image at a time) versus the fast engine, on a random
 full-size InternVL2 and COCO-shaped synthetic images (640x480 -> 7 tiles), measured in the same run.
 
-  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 32,64
+  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 128,128+nographs
+
+A batch size may carry +nographs: decoding steps launched from Python instead of replayed as a CUDA graph.
 
 Prints a table (images/s, prefill tokens/s, model TFLOP/s, MFU, peak memory) and writes --json. Captions of the
 random model never end early, so every image gets the full 30 new tokens (the slowest case).
@@ -31,7 +33,8 @@ def main() -> None:
     parser.add_argument("--like", default="InternVL2-2B")
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--baseline-images", type=int, default=100, help="images for the slow batch-1 path")
-    parser.add_argument("--batch-sizes", default="32,64", help="fast-engine batch sizes to measure")
+    parser.add_argument("--batch-sizes", default="64,128", help="fast-engine runs to measure: batch sizes, each "
+                                                                 "optionally +nographs")
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--work", default=None, help="folder for the model and data (default: a temp folder)")
     parser.add_argument("--json", default=None)
@@ -55,9 +58,10 @@ def main() -> None:
                                           * model.config.llm_config.vocab_size)
     peak = peak_tflops(torch.cuda.get_device_name())
 
-    def measure(label, engine, batch_size, subset):
+    def measure(label, engine, batch_size, subset, cuda_graphs=True):
         options = SimpleNamespace(engine=engine, batch_size=batch_size, num_workers=args.num_workers, dynamic=True,
-                                  max_num=6, num_beams=1, temperature=0.0, profile=args.profile)
+                                  max_num=6, num_beams=1, temperature=0.0, profile=args.profile,
+                                  cuda_graphs=cuda_graphs)
         torch.cuda.reset_peak_memory_stats()
         ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1,
                                                            device)
@@ -71,17 +75,33 @@ def main() -> None:
         print(row, flush=True)
         return row, captions
 
+    def save(rows):  # after every row: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.like,
+                                                   "flops_per_image": flops_per_image, "rows": rows}, indent=1))
+
     warm = entries[:8]
     measure("warm-up", "fast", 8, warm)
     rows = []
     baseline, baseline_captions = measure("original: chat(), batch 1", "hf", 1, entries[: args.baseline_images])
     rows.append(baseline)
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        row, captions = measure(f"fast engine, batch {batch_size}", "fast", batch_size, entries)
+    save(rows)
+    for run in args.batch_sizes.split(","):
+        batch_size, *flags = run.split("+")
+        unknown = set(flags) - {"nographs"}
+        if unknown:
+            parser.error(f"unknown option(s) {sorted(unknown)} in --batch-sizes {run}")
+        label = f"fast engine, batch {batch_size}" + "".join(f", {flag}" for flag in flags)
+        try:
+            row, captions = measure(label, "fast", int(batch_size), entries, "nographs" not in flags)
+        except Exception as error:  # e.g. out of memory: report it, keep the other rows
+            print(f"{label}: {type(error).__name__}: {error}", flush=True)
+            continue
         row["speedup"] = round(row["images_per_s"] / baseline["images_per_s"], 1)
         row["same_captions_as_batch_1_on_its_images"] = sum(
             a == b for a, b in zip(captions, baseline_captions)) / len(baseline_captions)
         rows.append(row)
+        save(rows)
 
     print(f"\n{torch.cuda.get_device_name()}, {args.like} (random weights, bf16), {prompt_tokens} prompt tokens, "
           f"{flops_per_image / 1e12:.1f} TFLOP per image")
@@ -91,9 +111,6 @@ def main() -> None:
         print(f"| {row['path']} | {row['images']} | {row['seconds']} | {row['images_per_s']} | "
               f"{row['prefill_tokens_per_s']:,} | {row['tflops']} | {row['mfu']} | {row['peak_memory_gb']} | "
               f"{row.get('speedup', 1.0)} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.like,
-                                               "flops_per_image": flops_per_image, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Modes (combine with '+'):
   faithful           what the original computes: full-vocabulary logits at every position, gradient checkpointing
   supervised_logits  the LM head only where a label is supervised (--supervised_logits_only)
   no_checkpointing   keep activations instead of recomputing them
-  shared_image       one sequence per picture with all its captions (--group_by_image); a step is one picture
+  shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
+  compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (bf16 weights on a GPU, fp32 on a CPU).
@@ -33,7 +34,7 @@ from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
-KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image"}
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile"}
 
 
 def prepare(args, work: Path):
@@ -47,9 +48,10 @@ def prepare(args, work: Path):
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     for parameter in model.parameters():
         parameter.requires_grad = False
-    model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=0.05)
+    model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=args.lora_dropout)
     model.language_model.config.use_cache = False
-    images = args.batch * (args.steps + args.warmup) // 5 + args.steps + args.warmup + 1
+    steps = args.steps + args.warmup
+    images = max(args.batch * steps // 5 + 1, args.pictures * steps) + 1
     make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0, image_size=(640, 480),
                         meta_path=work / "meta.json", force=True)
     encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
@@ -58,23 +60,41 @@ def prepare(args, work: Path):
     def to_device(batch):
         return {k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
 
-    steps = args.steps + args.warmup
-    batches = [to_device(concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)]))
-               for step in range(steps)]
     groups = dataset.datasets[0].image_groups()
-    shared = [to_device(shared_image_collator([[dataset[i] for i in groups[step]]])) for step in range(steps)]
+    step_groups = [[[dataset[i] for i in groups[step * args.pictures + p]] for p in range(args.pictures)]
+                   for step in range(steps)]
+    shared = [to_device(shared_image_collator(step)) for step in step_groups]
+    if args.same_captions:  # per-caption batches of exactly the captions of each shared step
+        batches = [to_device(concat_pad_data_collator([item for group in step for item in group]))
+                   for step in step_groups]
+    else:
+        batches = [to_device(concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)]))
+                   for step in range(steps)]
     return model, {"per_caption": batches, "shared_image": shared}, device
 
 
-def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
+def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
+    try:
+        return measure_mode(model, batches, device, mode, warmup, flop_model, peak, lr)
+    except Exception as error:  # e.g. out of memory: report it and go on with the next mode
+        row = {"mode": "+".join(sorted(mode)), "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        print(row, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+
+def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
     llm = model.language_model
+    if "compile" in mode:
+        model.compile_blocks()
     if "no_checkpointing" in mode:
         llm.gradient_checkpointing_disable()
     else:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=device.type == "cuda")
     fast_loss = "supervised_logits" in mode
     losses, samples, tokens, flops = [], 0, 0, 0.0
     if device.type == "cuda":
@@ -84,7 +104,9 @@ def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = model(**batch, logits_for_labels_only=fast_loss).loss
+        # bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's bf16 casts the adapters instead)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch, logits_for_labels_only=fast_loss).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,11 +121,10 @@ def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    for parameter in trainable:  # the next mode starts from the same adapters
-        parameter.grad = None
     row = {"mode": "+".join(sorted(mode)), "captions_per_s": round(samples / seconds, 2),
            "tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1),
            "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None, "first_loss": round(losses[0], 4),
+           "losses": [round(value, 5) for value in losses],
            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
     print(row, flush=True)
     return row
@@ -115,10 +136,18 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="an existing checkpoint instead of --like")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=4, help="captions per step (the tutorial's per-device 4)")
+    parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
-                                           "supervised_logits+no_checkpointing,shared_image+supervised_logits")
+                                           "supervised_logits+no_checkpointing,shared_image+supervised_logits,"
+                                           "shared_image+supervised_logits+no_checkpointing")
+    parser.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate (the tutorial's 4e-5)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="the tutorial's 0.05; 0 makes loss curves of different modes comparable step by step")
+    parser.add_argument("--same-captions", action="store_true",
+                        help="per-caption steps take exactly the captions of the shared_image steps "
+                             "(--pictures x 5 captions), so every mode sees the same data and loss curves compare")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     modes = [set(m.split("+")) for m in args.modes.split(",")]
@@ -130,16 +159,36 @@ def main() -> None:
         model, batches, device = prepare(args, Path(tmp))
         flop_model = FlopModel.from_config(model.config, lora_rank=128)
         peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
-        rows = [run_mode(model, batches["shared_image" if "shared_image" in mode else "per_caption"], device, mode,
-                         args.warmup, flop_model, peak) for mode in modes]
-    baseline = rows[0]["captions_per_s"]
+        initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        rows = []
+        for mode in modes:
+            with torch.no_grad():  # every mode starts from the same adapters
+                for name, parameter in model.named_parameters():
+                    if name in initial:
+                        parameter.copy_(initial[name])
+                        parameter.grad = None
+            rows.append(run_mode(model, batches["shared_image" if "shared_image" in mode else "per_caption"],
+                                 device, mode, args.warmup, flop_model, peak, args.lr))
+    baseline = rows[0].get("captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{name}, {args.model or args.like}, batch {args.batch}, {args.steps} timed steps per mode")
-    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB | vs first row |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{name}, {args.model or args.like}, batch {args.batch} captions / {args.pictures} pictures, "
+          f"{args.steps} timed steps per mode")
+    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB | vs first row | loss: first, last |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        if "error" in row or not baseline:
+            print(f"| {row['mode']} | {row.get('error', '')} | | | | | |")
+            continue
         print(f"| {row['mode']} | {row['captions_per_s']} | {row['tokens_per_s']:,} | {row['tflops']} | "
-              f"{row['mfu']} | {row['peak_memory_gb']} | {row['captions_per_s'] / baseline:.2f}x |")
+              f"{row['mfu']} | {row['peak_memory_gb']} | {row['captions_per_s'] / baseline:.2f}x | "
+              f"{row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
+    if args.same_captions:
+        reference = rows[0].get("losses")
+        for row in rows[1:]:
+            if reference and "losses" in row:
+                gap = max(abs(a - b) for a, b in zip(reference, row["losses"]))
+                print(f"largest loss difference from {rows[0]['mode']} over {len(reference)} steps: "
+                      f"{row['mode']} {gap:.5f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
 

@@ -61,6 +61,9 @@ def parse_args(argv):
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs Stanford CoreNLP; online once)")
     parser.add_argument("--skip-scoring", action="store_true", help="only write the results json")
     parser.add_argument("--attn-implementation", default=None, help="eager | sdpa | flash_attention_2")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="fast engine: launch each decoding step's kernels from Python instead of replaying a "
+                             "recorded CUDA graph (for debugging)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
     args = parser.parse_args(argv)
@@ -113,7 +116,8 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
                             collate_fn=collate_images, pin_memory=device.type == "cuda",
                             worker_init_fn=single_threaded_worker)
         captioner = FastCaptioner(model, tokenizer, CAPTION_PROMPT, caption_set.max_new_tokens,
-                                  caption_set.min_new_tokens, profile=getattr(args, "profile", False))
+                                  caption_set.min_new_tokens, profile=getattr(args, "profile", False),
+                                  cuda_graphs=getattr(args, "cuda_graphs", True))
     else:
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                             collate_fn=collate_images, pin_memory=device.type == "cuda",

@@ -5,7 +5,9 @@ same length: batches are formed per tile count and need no padding at all. Then
   - the ViT runs once over all tiles of the batch,
   - the prefill is one causal pass (SDPA's flash kernel, no mask),
   - decoding is a greedy loop over a preallocated KV cache (written in place, never copied), with the
-    logits of the last position only,
+    logits of the last position only; each step has static shapes (it reads the whole cache under a mask
+    of the filled positions), so on a GPU it is recorded once as a CUDA graph and replayed: one launch per
+    token instead of ~400 small kernels launched from Python,
 instead of transformers' generate(), whose per-token overhead dominates at this model size.
 Greedy decoding with the original's rules: at least min_new_tokens before <|im_end|> may end a caption.
 """
@@ -22,16 +24,19 @@ FAST_ATTENTION = "internvl_fast_decode"
 
 
 def fast_decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """SDPA for prefill and masked calls; for single-token decoding without a mask, grouped-query attention
-    as two batched matmuls over the cache views. SDPA's GQA path would fall back to a kernel that copies the
-    whole KV cache per layer and step, which made decoding ~10x slower than reading the cache once."""
-    if query.shape[2] != 1 or attention_mask is not None:
+    """SDPA for the prefill; for single-token decoding, grouped-query attention as two batched matmuls over the
+    cache, with the additive mask (0 / -inf over the cache's capacity) added to the scores. SDPA's GQA path
+    would fall back to a kernel that copies the whole KV cache per layer and step, which made decoding ~10x
+    slower than reading the cache once."""
+    if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, L]
+    if attention_mask is not None:
+        scores = scores + attention_mask
     probabilities = scores.softmax(dim=-1).to(value.dtype)
     output = torch.matmul(probabilities, value)  # [B, Hkv, G, hd]
     return output.reshape(batch, 1, heads, head_dim), None
@@ -41,20 +46,58 @@ AttentionInterface.register(FAST_ATTENTION, fast_decode_attention)
 
 
 class StaticKVCache:
-    """Per-layer K/V buffers of a fixed capacity; `update` writes the new positions and returns views of
-    everything written so far (the interface InternLM2Attention calls)."""
+    """Per-layer K/V buffers of a fixed capacity (the interface InternLM2Attention calls is `update`).
 
-    def __init__(self, num_layers, batch, kv_heads, head_dim, capacity, dtype, device):
+    The prefill writes positions [0, L) and attends to them. A decoding step writes one position given as a
+    device tensor (`decode_position`) and returns the whole buffers: the step's shapes do not depend on how
+    far decoding has got, and the caller masks the positions not filled yet. The buffers start at zero so
+    that masked, never-written entries are finite (0 x NaN would still be NaN)."""
+
+    def __init__(self, layer_devices, batch, kv_heads, head_dim, capacity, dtype):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0  # positions filled in every layer before the current forward
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for device in layer_devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for device in layer_devices]
+        self.decode_position = torch.zeros(1, dtype=torch.long, device=layer_devices[0])
+        self.decoding = False
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        end = self.length + key.shape[2]
-        self.keys[layer_idx][:, :, self.length:end] = key
-        self.values[layer_idx][:, :, self.length:end] = value
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        if self.decoding:
+            position = self.decode_position.to(key.device)  # a model split over GPUs (--auto)
+            self.keys[layer_idx].index_copy_(2, position, key)
+            self.values[layer_idx].index_copy_(2, position, value)
+            return self.keys[layer_idx], self.values[layer_idx]
+        length = key.shape[2]
+        self.keys[layer_idx][:, :, :length] = key
+        self.values[layer_idx][:, :, :length] = value
+        return key, value
+
+
+class DecodeState:
+    """Static buffers of greedy decoding for one (batch, prompt length): the KV cache, the step's input token
+    and position, the eos bias (-inf while captions are shorter than min_new_tokens), the chosen tokens, and
+    on a GPU the CUDA graph that replays one step. Reused by every batch of the same shape."""
+
+    def __init__(self, llm, batch, prompt_length, max_new_tokens, dtype, device):
+        config = llm.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.capacity = prompt_length + max_new_tokens
+        layer_devices = [layer.attention_norm.weight.device for layer in llm.model.layers]
+        self.cache = StaticKVCache(layer_devices, batch, config.num_key_value_heads, head_dim, self.capacity, dtype)
+        self.device = device
+        self.single_device = len(set(layer_devices + [device])) == 1
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.eos_bias = torch.zeros(config.vocab_size, dtype=torch.float32, device=device)
+        self.filled = torch.arange(self.capacity, device=device)
+        # cos/sin of every decoding position, each computed as a one-token step would (dynamic NTK included)
+        rotary = llm.model.rotary_emb
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        tables = [rotary(probe, torch.full((1, 1), position, device=device))
+                  for position in range(prompt_length, self.capacity)]
+        self.cos = torch.cat([cos for cos, _ in tables], dim=1)  # [1, max_new_tokens, head_dim]
+        self.sin = torch.cat([sin for _, sin in tables], dim=1)
+        self.prompt_length = prompt_length
+        self.graph = None
 
 
 def supports_fast_path(model) -> bool:
@@ -80,7 +123,7 @@ class PhaseTimer:
 
 class FastCaptioner:
     def __init__(self, model, tokenizer, question: str, max_new_tokens: int = 30, min_new_tokens: int = 8,
-                 profile: bool = False):
+                 profile: bool = False, cuda_graphs: bool = True):
         if not supports_fast_path(model):
             raise ValueError("the fast captioner drives InternLM2 decoder layers; use chat()/batch_chat() for "
                              f"{model.config.llm_config.architectures[0]}")
@@ -94,6 +137,8 @@ class FastCaptioner:
         self.llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # unmerged LoRA: PEFT wrapper
         self._prompt_ids = {}
         self.timer = PhaseTimer(profile)
+        self.cuda_graphs = cuda_graphs
+        self._decode_state, self._decode_state_key = None, None
 
     def prompt_ids(self, num_tiles: int) -> torch.Tensor:
         if num_tiles not in self._prompt_ids:
@@ -102,25 +147,69 @@ class FastCaptioner:
             self._prompt_ids[num_tiles] = self.tokenizer(query, return_tensors="pt")["input_ids"][0]
         return self._prompt_ids[num_tiles]
 
-    def _layers(self, hidden, positions, cache):
+    def _prefill(self, embeds, cache):
         decoder = self.llm.model
-        position_embeddings = decoder.rotary_emb(hidden, positions)
+        length = embeds.shape[1]
+        positions = torch.arange(length, device=embeds.device)[None]
+        position_embeddings = decoder.rotary_emb(embeds, positions)
         mask = None  # sdpa and flash attention infer causality for a prefill without padding
-        if self.llm.config._attn_implementation == "eager" and hidden.shape[1] > 1:
-            length = hidden.shape[1]
-            mask = torch.full((length, length), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)
+        if self.llm.config._attn_implementation == "eager":
+            mask = torch.full((length, length), float("-inf"), dtype=embeds.dtype, device=embeds.device).triu(1)
             mask = mask[None, None]
+        cache.decoding = False
+        hidden = embeds
         for layer in decoder.layers:
             hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache)
-        cache.length += hidden.shape[1]
-        return decoder.norm(hidden[:, -1:])
+        return decoder.norm(hidden[:, -1])
+
+    def _greedy_choice(self, hidden, state):
+        logits = self.llm.output(hidden).float() + state.eos_bias
+        state.chosen.copy_(logits.argmax(dim=-1))
+
+    def _decode_step(self, state):
+        """One token for every caption: state.token at state.cache.decode_position -> state.chosen. Only
+        static shapes and device tensors, so that it can be recorded as a CUDA graph."""
+        decoder, cache = self.llm.model, state.cache
+        step = cache.decode_position - state.prompt_length
+        position_embeddings = state.cos.index_select(1, step), state.sin.index_select(1, step)
+        mask = torch.zeros(state.capacity, dtype=state.cos.dtype, device=step.device)
+        mask = mask.masked_fill(state.filled > cache.decode_position, float("-inf"))[None, None, None]
+        hidden = self.llm.get_input_embeddings()(state.token[:, None])
+        for layer in decoder.layers:
+            hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache)
+        self._greedy_choice(decoder.norm(hidden[:, -1]), state)
+
+    def _run_step(self, state):
+        if state.device.type != "cuda" or not state.single_device or not self.cuda_graphs:
+            self._decode_step(state)
+            return
+        if state.graph is None:  # run the step on a side stream first (lazy inits), then record it
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._decode_step(state)
+            torch.cuda.current_stream().wait_stream(side)
+            state.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state.graph):
+                self._decode_step(state)
+        state.graph.replay()
+
+    def _state(self, batch, prompt_length, dtype, device):
+        key = (batch, prompt_length)
+        if self._decode_state is None or self._decode_state_key != key:
+            self._decode_state = None  # free the previous shape's cache and graph first
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._decode_state = DecodeState(self.llm, batch, prompt_length, self.max_new_tokens, dtype, device)
+            self._decode_state_key = key
+        return self._decode_state
 
     @torch.inference_mode()
     def caption(self, pixel_values: torch.Tensor, num_tiles: int) -> list[str]:
         """pixel_values: [B * num_tiles, 3, S, S] of B images that all have num_tiles tiles."""
         config = self.llm.config
         chosen = config._attn_implementation
-        if chosen != "sdpa":  # eager (reference maths) and flash attention are used as configured
+        if chosen == "eager":  # the reference maths, as configured
             return self._caption(pixel_values, num_tiles)
         config._attn_implementation = FAST_ATTENTION
         try:
@@ -137,29 +226,27 @@ class FastCaptioner:
         features = model.extract_feature(pixel_values)
         self.timer.mark("vision", device)
         embeds, _ = model.embed_with_images(ids, features, strict=True)
-        config = llm.config
-        head_dim = config.hidden_size // config.num_attention_heads
-        cache = StaticKVCache(config.num_hidden_layers, batch, config.num_key_value_heads, head_dim,
-                              ids.shape[1] + self.max_new_tokens, embeds.dtype, device)
-        positions = torch.arange(ids.shape[1], device=device).expand(batch, -1)
-        hidden = self._layers(embeds, positions, cache)
+        state = self._state(batch, ids.shape[1], embeds.dtype, device)
+        hidden = self._prefill(embeds, state.cache)
         self.timer.mark("prefill", device)
-        output = llm.output
         tokens = torch.empty(batch, self.max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        state.cache.decoding = True
         for step in range(self.max_new_tokens):
-            logits = output(hidden[:, -1]).float()
-            if step < self.min_new_tokens:
-                logits[:, self.eos_id] = float("-inf")
-            next_token = logits.argmax(dim=-1)
-            next_token = torch.where(finished, torch.full_like(next_token, self.eos_id), next_token)
+            if step in (0, self.min_new_tokens):
+                state.eos_bias[self.eos_id] = float("-inf") if step < self.min_new_tokens else 0.0
+            if step == 0:
+                self._greedy_choice(hidden, state)
+            else:
+                state.token.copy_(next_token)
+                state.cache.decode_position.fill_(ids.shape[1] + step - 1)
+                self._run_step(state)
+            next_token = torch.where(finished, self.eos_id, state.chosen)
             tokens[:, step] = next_token
             finished |= next_token == self.eos_id
             if step + 1 == self.max_new_tokens or (step >= self.min_new_tokens and bool(finished.all())):
                 tokens = tokens[:, : step + 1]
                 break
-            position = torch.full((batch, 1), cache.length, device=device, dtype=torch.long)
-            hidden = self._layers(llm.get_input_embeddings()(next_token[:, None]), position, cache)
         self.timer.mark("decode", device)
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
         return [text.split(self.sep)[0].strip() for text in texts]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, LlamaForCausalLM, Phi3ForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available
 
@@ -59,6 +60,14 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = 
     else:
         x = x.permute(0, 1, 3, 2, 4, 5)  # (N, R/s, C/s, dy, dx, D)
     return x.reshape(n, x.shape[1], x.shape[2], step * step * dim)
+
+
+def only_right_padding(attention_mask: torch.Tensor | None) -> bool:
+    """A 2D [batch, length] mask whose rows are all ones then all zeros (the training collator's padding)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    keep = attention_mask.bool()
+    return bool(keep[:, 0].all()) and bool((keep[:, 1:] <= keep[:, :-1]).all())
 
 
 class InternVLChatModel(PreTrainedModel):
@@ -143,6 +152,21 @@ class InternVLChatModel(PreTrainedModel):
         self.language_model.enable_input_require_grads()
         self.language_model.print_trainable_parameters()
 
+    def compile_blocks(self, dynamic: bool = True) -> int:
+        """torch.compile every transformer block (ViT layers and LLM decoder layers) in place; returns how many.
+        Blocks rather than the whole model: the image scatter and mask building stay eager, one compiled graph
+        serves all layers of a stack, and state_dict keys do not change. dynamic=True because sequence lengths
+        change from batch to batch."""
+        blocks = [module for module in self.modules() if isinstance(module, GradientCheckpointingLayer)]
+        # Blocks of a stack share one compiled forward, but a per-block constant (e.g. each ViT layer's own
+        # stochastic-depth rate) adds a guarded variant per block: the default limit of 8 would leave the
+        # later blocks uncompiled.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks))
+        for block in blocks:
+            block.compile(dynamic=dynamic)
+        return len(blocks)
+
     # ------------------------------------------------------------------ vision
     def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
         if self.ps_version == "v1":
@@ -218,6 +242,10 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
+        if past_key_values is None and only_right_padding(attention_mask):
+            # Under causal attention no real token sees a right-side pad, so dropping the mask changes only the
+            # outputs at pad positions (never supervised) and lets SDPA/flash run their unmasked causal kernels.
+            attention_mask = None
         attention_mask = self._attention_mask_for_backend(attention_mask, inputs_embeds.dtype)
         if labels is not None and logits_for_labels_only:
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched)

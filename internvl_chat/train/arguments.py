@@ -64,6 +64,9 @@ class RunArguments:
     supervised_logits_only: bool = field(default=False, metadata={
         "help": "fast loss: the LM head only at supervised positions (same loss and gradients as the original, "
                 "without full-vocabulary logits at every position)"})
+    compile_blocks: bool = field(default=False, metadata={
+        "help": "fast mode: torch.compile every ViT and LLM block (fused norms, rotary, LoRA dropout; the first "
+                "steps compile, a minute or two)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"})
 

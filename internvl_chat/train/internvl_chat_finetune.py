@@ -180,6 +180,8 @@ def main(argv: list[str]) -> None:
     model = load_model(model_args, data_args, training_args, tokenizer)
     add_new_tokens(model, tokenizer, num_new_tokens)
     prepare_for_training(model, model_args)
+    if run_args.compile_blocks:
+        logger.info("torch.compile: %d transformer blocks (compiled on first use)", model.compile_blocks())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Trainable parameters: %s of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
     if trainable == 0:
