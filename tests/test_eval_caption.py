@@ -61,9 +61,12 @@ def test_batch_8_gives_the_captions_of_batch_1(world, one_by_one):
     assert len({r["caption"] for r in batched}) > 1  # the images really get different captions
 
 
-def test_fast_engine_gives_the_captions_of_batch_1(world, one_by_one):
-    fast, stdout, _ = evaluate(world, 1, "--engine", "fast", "--batch-size", "4")
-    assert "fast engine" in stdout
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fast_engine_gives_the_captions_of_batch_1(world, one_by_one, attention):
+    """The decoding step attends to the whole static cache under a mask of the filled positions: with the fast
+    GQA kernel (sdpa configured) and with transformers' eager attention (the reference maths)."""
+    fast, stdout, _ = evaluate(world, 1, "--engine", "fast", "--batch-size", "4", "--attn-implementation", attention)
+    assert f"{attention} attention" in stdout and "fast engine" in stdout
     assert fast == one_by_one[0]
 
 
