@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Training-step speed of the LoRA recipe, mode by mode, measured in the same run on the same batches.
 
-  python tools/benchmark_train.py --like InternVL2-2B --modes faithful,supervised_logits,no_checkpointing
+  python tools/benchmark_train.py --like InternVL2-2B                  # the default modes, table + --json
+  python tools/benchmark_train.py --like InternVL2-2B --same-captions --pictures 1 --lora-dropout 0 --steps 30
+                                                                     # loss curves of the modes on the same data
   python tools/benchmark_train.py --model pretrained/InternVL2-tiny --device cpu --steps 2   # smoke test
 
 Modes (combine with '+'):
   faithful           what the original computes: full-vocabulary logits at every position, gradient checkpointing
   supervised_logits  the LM head only where a label is supervised (--supervised_logits_only)
-  no_checkpointing   keep activations instead of recomputing them
+  no_checkpointing   keep activations instead of recomputing them (--grad_checkpoint False)
   shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
-step is forward + backward + AdamW on the LoRA r128 adapters (bf16 weights on a GPU, fp32 on a CPU).
+step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
+autocast; on a CPU: fp32). Every mode starts from the same adapters.
 """
 import argparse
 import json
@@ -141,7 +144,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
                                            "supervised_logits+no_checkpointing,shared_image+supervised_logits,"
-                                           "shared_image+supervised_logits+no_checkpointing")
+                                           "shared_image+supervised_logits+no_checkpointing,"
+                                           "supervised_logits+no_checkpointing+compile,"
+                                           "shared_image+supervised_logits+no_checkpointing+compile")
     parser.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate (the tutorial's 4e-5)")
     parser.add_argument("--lora-dropout", type=float, default=0.05,
                         help="the tutorial's 0.05; 0 makes loss curves of different modes comparable step by step")
