@@ -126,8 +126,7 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
     seconds = time.perf_counter() - start
     row = {"mode": "+".join(sorted(mode)), "captions_per_s": round(samples / seconds, 2),
            "tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1),
-           "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None, "first_loss": round(losses[0], 4),
-           "losses": [round(value, 5) for value in losses],
+           "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None, "losses": [round(value, 5) for value in losses],
            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
     print(row, flush=True)
     return row
@@ -181,12 +180,12 @@ def main() -> None:
     print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB | vs first row | loss: first, last |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        if "error" in row or not baseline:
-            print(f"| {row['mode']} | {row.get('error', '')} | | | | | |")
+        if "error" in row:
+            print(f"| {row['mode']} | {row['error']} | | | | | | |")
             continue
+        ratio = f"{row['captions_per_s'] / baseline:.2f}x" if baseline else ""
         print(f"| {row['mode']} | {row['captions_per_s']} | {row['tokens_per_s']:,} | {row['tflops']} | "
-              f"{row['mfu']} | {row['peak_memory_gb']} | {row['captions_per_s'] / baseline:.2f}x | "
-              f"{row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
+              f"{row['mfu']} | {row['peak_memory_gb']} | {ratio} | {row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
     if args.same_captions:
         reference = rows[0].get("losses")
         for row in rows[1:]:

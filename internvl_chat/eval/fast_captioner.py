@@ -7,7 +7,7 @@ same length: batches are formed per tile count and need no padding at all. Then
   - decoding is a greedy loop over a preallocated KV cache (written in place, never copied), with the
     logits of the last position only; each step has static shapes (it reads the whole cache under a mask
     of the filled positions), so on a GPU it is recorded once as a CUDA graph and replayed: one launch per
-    token instead of ~400 small kernels launched from Python,
+    token instead of hundreds of small kernels launched from Python,
 instead of transformers' generate(), whose per-token overhead dominates at this model size.
 Greedy decoding with the original's rules: at least min_new_tokens before <|im_end|> may end a caption.
 """
@@ -88,7 +88,7 @@ class DecodeState:
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.chosen = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos_bias = torch.zeros(config.vocab_size, dtype=torch.float32, device=device)
-        self.filled = torch.arange(self.capacity, device=device)
+        self.positions = torch.arange(self.capacity, device=device)
         # cos/sin of every decoding position, each computed as a one-token step would (dynamic NTK included)
         rotary = llm.model.rotary_emb
         probe = torch.zeros(1, dtype=dtype, device=device)
@@ -173,7 +173,7 @@ class FastCaptioner:
         step = cache.decode_position - state.prompt_length
         position_embeddings = state.cos.index_select(1, step), state.sin.index_select(1, step)
         mask = torch.zeros(state.capacity, dtype=state.cos.dtype, device=step.device)
-        mask = mask.masked_fill(state.filled > cache.decode_position, float("-inf"))[None, None, None]
+        mask = mask.masked_fill(state.positions > cache.decode_position, float("-inf"))[None, None, None]
         hidden = self.llm.get_input_embeddings()(state.token[:, None])
         for layer in decoder.layers:
             hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache)

@@ -159,8 +159,8 @@ class InternVLChatModel(PreTrainedModel):
         change from batch to batch."""
         blocks = [module for module in self.modules() if isinstance(module, GradientCheckpointingLayer)]
         # Blocks of a stack share one compiled forward, but a per-block constant (e.g. each ViT layer's own
-        # stochastic-depth rate) adds a guarded variant per block: the default limit of 8 would leave the
-        # later blocks uncompiled.
+        # stochastic-depth rate) may add a guarded variant per block, and past the default limit of 8 variants
+        # the later blocks would silently run uncompiled.
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks))
         for block in blocks:
@@ -242,11 +242,7 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
-        if past_key_values is None and only_right_padding(attention_mask):
-            # Under causal attention no real token sees a right-side pad, so dropping the mask changes only the
-            # outputs at pad positions (never supervised) and lets SDPA/flash run their unmasked causal kernels.
-            attention_mask = None
-        attention_mask = self._attention_mask_for_backend(attention_mask, inputs_embeds.dtype)
+        attention_mask = self._attention_mask_for_backend(attention_mask, inputs_embeds.dtype, past_key_values)
         if labels is not None and logits_for_labels_only:
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched)
         outputs = self.language_model(
@@ -272,9 +268,15 @@ class InternVLChatModel(PreTrainedModel):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
 
-    def _attention_mask_for_backend(self, attention_mask, dtype):
-        """A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA
-        and flex as it is; eager attention adds its mask to the scores, so it gets 0 / -inf instead."""
+    def _attention_mask_for_backend(self, attention_mask, dtype, past_key_values=None):
+        """The training forward's mask as the attention backend needs it.
+        - A 2D mask with padding on the right only (the collator's) is dropped: under causal attention no real
+          token sees a right-side pad, so only the outputs at pad positions (never supervised) change, and
+          SDPA/flash run their unmasked causal kernels.
+        - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA and
+          flex as it is; eager attention adds its mask to the scores, so it gets 0 / -inf instead."""
+        if past_key_values is None and only_right_padding(attention_mask):
+            return None
         if (attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool
                 or self.config.llm_config._attn_implementation != "eager"):
             return attention_mask
