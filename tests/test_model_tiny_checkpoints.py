@@ -40,7 +40,7 @@ def test_remote_code_files_and_auto_map(checkpoints):
         assert config["auto_map"]["AutoConfig"] == "configuration_internvl_chat.InternVLChatConfig"
         for name in ("modeling_internvl_chat.py", "modeling_intern_vit.py", "modeling_internlm2.py",
                      "configuration_internvl_chat.py", "configuration_intern_vit.py", "configuration_internlm2.py",
-                     "conversation.py", "tokenization_internlm2.py", "tokenizer.model", "model.safetensors"):
+                     "fused_kernels.py", "conversation.py", "tokenization_internlm2.py", "tokenizer.model", "model.safetensors"):
             assert (folder / name).is_file(), folder / name
 
 

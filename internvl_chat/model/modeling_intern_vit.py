@@ -16,10 +16,9 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-# Same maths as the original InternRMSNorm: variance in fp32, cast back, then scale by the weight.
-from transformers.models.llama.modeling_llama import LlamaRMSNorm as InternRMSNorm
-
 from .configuration_intern_vit import InternVisionConfig
+from .fused_kernels import RMSNorm as InternRMSNorm
+from .fused_kernels import add_scaled
 
 
 NORM_LAYERS = {"rms_norm": InternRMSNorm, "layer_norm": nn.LayerNorm}
@@ -153,9 +152,13 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
         self.drop_path2 = DropPath(drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.drop_path1(self.attn(self.norm1(hidden_states)) * self.ls1)
-        hidden_states = hidden_states + self.drop_path2(self.mlp(self.norm2(hidden_states)) * self.ls2)
-        return hidden_states
+        hidden_states = self._add_branch(hidden_states, self.attn(self.norm1(hidden_states)), self.ls1, self.drop_path1)
+        return self._add_branch(hidden_states, self.mlp(self.norm2(hidden_states)), self.ls2, self.drop_path2)
+
+    def _add_branch(self, hidden_states, branch, layer_scale, drop_path: DropPath) -> torch.Tensor:
+        if drop_path.drop_prob == 0.0 or not self.training:
+            return add_scaled(hidden_states, branch, layer_scale)
+        return hidden_states + drop_path(branch * layer_scale)
 
 
 class InternVisionEncoder(nn.Module):

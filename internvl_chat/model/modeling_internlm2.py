@@ -18,15 +18,11 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRMSNorm as InternLM2RMSNorm
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_internlm2 import InternLM2Config
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from .fused_kernels import RMSNorm as InternLM2RMSNorm
+from .fused_kernels import apply_rotary, silu_times
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,8 +71,11 @@ class InternLM2MLP(nn.Module):
         self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu:
+            return self.w2(silu_times(self.w1(x), self.w3(x)))
         return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
 
 
@@ -116,9 +115,8 @@ class InternLM2Attention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         q, k, v = self.split_qkv(self.wqkv(hidden_states))
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

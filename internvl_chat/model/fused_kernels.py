@@ -1,0 +1,196 @@
+"""Triton kernels for inference of the memory-bound steps between matmuls: RMSNorm, rotary embedding, SiLU x
+gate and the ViT's layer-scaled residual.
+
+In eager PyTorch, RMSNorm is six kernels over fp32 copies of the activations, rotary five over q and k, SiLU x
+gate two and the layer-scaled residual two; on a batched prefill (a quarter of a million tokens) those passes
+cost as much as a fifth of the matmul time. Each kernel here reads its inputs once and writes its output once
+and rounds where the reference rounds, so bf16 results are bit-identical to it (tools/benchmark_kernels.py
+prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
+as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then times the up projection;
+the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where a multiply and an add
+could otherwise become one FMA).
+
+Used only where nothing needs a gradient (the modules check), on CUDA tensors of 16-bit types, with Triton
+installed; everything else takes the reference PyTorch path. `TRITON_INTERPRET=1` runs the kernels on a CPU
+(that is how the CPU tests check them).
+"""
+import os
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path everywhere
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = True  # tools/benchmark_eval.py turns it off to measure the reference path in the same run
+
+
+def kernels_apply(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path may replace the reference for these tensors."""
+    if not ENABLED or triton is None or torch.compiler.is_compiling():  # inductor fuses these itself
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    first = tensors[0]
+    return (first.is_cuda or INTERPRET) and first.numel() > 0 and all(
+        t.dtype == first.dtype and t.device == first.device for t in tensors) and first.dtype in (
+        torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, x_row_stride, out_row_stride, width, eps,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < width
+        x = tl.load(x_ptr + row * x_row_stride + columns, mask=inside, other=0.0).to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / width
+        normed = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
+        weight = tl.load(weight_ptr + columns, mask=inside, other=0.0)
+        out = weight.to(tl.float32) * normed.to(tl.float32)
+        tl.store(out_ptr + row * out_row_stride + columns, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, (activated.to(tl.float32) * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, length, x_batch_stride, x_position_stride, x_head_stride,
+                       table_batch_stride, table_position_stride, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       HEAD_DIM: tl.constexpr):
+        token = tl.program_id(0)
+        batch, position = (token // length).to(tl.int64), (token % length).to(tl.int64)
+        heads = tl.arange(0, HEADS_PAD)[:, None]
+        dims = tl.arange(0, HEAD_DIM)[None, :]
+        half: tl.constexpr = HEAD_DIM // 2
+        partner = (dims + half) % HEAD_DIM  # rotate_half(x)[d] = -x[d + half] (d < half), x[d - half] (d >= half)
+        inside = heads < HEADS
+        base = x_ptr + batch * x_batch_stride + position * x_position_stride + heads * x_head_stride
+        x = tl.load(base + dims, mask=inside, other=0.0)
+        rotated = tl.load(base + partner, mask=inside, other=0.0)
+        rotated = tl.where(dims < half, -rotated, rotated)
+        table = batch * table_batch_stride + position * table_position_stride + dims
+        cos = tl.load(cos_ptr + table)
+        sin = tl.load(sin_ptr + table)
+        dtype = out_ptr.dtype.element_ty
+        out = ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
+               + (rotated.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32))
+        tl.store(out_ptr + (token * HEADS + heads).to(tl.int64) * HEAD_DIM + dims, out.to(dtype), mask=inside)
+
+    @triton.jit
+    def _scaled_residual_kernel(residual_ptr, branch_ptr, scale_ptr, out_ptr, count, width, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        residual = tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        branch = tl.load(branch_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offsets % width, mask=inside, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        scaled = (branch * scale).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offsets, (residual + scaled).to(dtype), mask=inside)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype) over the last dimension, one pass."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((rows.shape[0], width), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(width)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), width, eps, BLOCK=block,
+                                       num_warps=min(max(block // 256, 1), 16))
+    return out.view(x.shape)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with the reference's rounding (silu rounded to the dtype first), one pass."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    count = gate.numel()
+    block = 4096
+    _silu_mul_kernel[(triton.cdiv(count, block),)](gate, up, out, count, BLOCK=block, num_warps=8)
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] (any strides with a unit last one), cos/sin [B or 1, L, D] -> x*cos + rotate_half(x)*sin,
+    laid out as [B, L, H, D] memory (what the attention kernels read) and returned as [B, H, L, D]."""
+    batch, heads, length, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.expand(batch, length, head_dim), sin.expand(batch, length, head_dim)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(batch, length, heads, head_dim, dtype=x.dtype, device=x.device)
+    _rotary_kernel[(batch * length,)](x, cos, sin, out, length, x.stride(0), x.stride(2), x.stride(1),
+                                      cos.stride(0), cos.stride(1), HEADS=heads,
+                                      HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim, num_warps=4,
+                                      enable_fp_fusion=False)
+    return out.transpose(1, 2)
+
+
+def scaled_residual(residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """residual + branch * scale (scale over the last dimension), with the product rounded first."""
+    residual, branch = residual.contiguous(), branch.contiguous()
+    out = torch.empty_like(residual)
+    count, block = residual.numel(), 4096
+    _scaled_residual_kernel[(triton.cdiv(count, block),)](residual, branch, scale, out, count, scale.numel(),
+                                                          BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    return out
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [B, H, L, D] with cos/sin [B or 1, L, D]."""
+    head_dim = x.shape[-1]
+    if kernels_apply(x, cos, sin) and head_dim & (head_dim - 1) == 0:  # tl.arange needs a power of two
+        return rotary(x, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = head_dim // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def add_scaled(residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """residual + branch * scale (the ViT's layer scale)."""
+    if kernels_apply(residual, branch, scale) and residual.shape == branch.shape:
+        return scaled_residual(residual, branch, scale)
+    return residual + branch * scale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as the original InternLM2 and InternViT compute it (variance in fp32, the normalised activations
+    cast back to the input dtype, then scaled by the weight); one Triton pass at inference."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if kernels_apply(hidden_states, self.weight):
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the gated MLP's middle."""
+    if kernels_apply(gate, up):
+        return silu_mul(gate, up)
+    return torch.nn.functional.silu(gate) * up
