@@ -127,3 +127,11 @@ def test_score_captions_tool(world, one_by_one):
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text()) == score_captions(results_file, gt_file, verbose=False)
     assert "CIDEr: " in result.stdout
+
+
+def test_batches_are_split_into_chunks_for_the_workers():
+    from internvl_chat.eval.caption_data import split_into_chunks
+
+    chunks = split_into_chunks([list(range(10)), [10, 11]], parts=4)
+    assert chunks == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]], [[10], [11]]]
+    assert split_into_chunks([[1, 2, 3]], parts=0) == [[[1, 2, 3]]]

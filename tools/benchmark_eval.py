@@ -2,9 +2,11 @@
 """Caption-evaluation speed: the original's path (chat() one image at a time) versus the fast engine, on a random
 full-size InternVL2 and COCO-shaped synthetic images (640x480 -> 7 tiles), measured in the same run.
 
-  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 128,128+nographs
+  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 128,128+nokernels
 
-A batch size may carry +nographs: decoding steps launched from Python instead of replayed as a CUDA graph.
+A batch size may carry +nographs (decoding steps launched from Python instead of replayed as a CUDA graph) and
++nokernels (PyTorch's reference RMSNorm, rotary, SiLU x gate and layer-scaled residual instead of the Triton
+kernels).
 
 Prints a table (images/s, prefill tokens/s, model TFLOP/s, MFU, peak memory) and writes --json. Captions of the
 random model never end early, so every image gets the full 30 new tokens (the slowest case).
@@ -22,6 +24,7 @@ import torch  # noqa: E402
 
 from internvl_chat.eval.caption_data import CAPTION_SETS, read_entries  # noqa: E402
 from internvl_chat.eval.evaluate_caption import generate_captions  # noqa: E402
+from internvl_chat.model import fused_kernels  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
@@ -58,10 +61,10 @@ def main() -> None:
                                           * model.config.llm_config.vocab_size)
     peak = peak_tflops(torch.cuda.get_device_name())
 
-    def measure(label, engine, batch_size, subset, cuda_graphs=True):
+    def measure(label, engine, batch_size, subset, flags=()):
         options = SimpleNamespace(engine=engine, batch_size=batch_size, num_workers=args.num_workers, dynamic=True,
                                   max_num=6, num_beams=1, temperature=0.0, profile=args.profile,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs="nographs" not in flags)
         torch.cuda.reset_peak_memory_stats()
         ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1,
                                                            device)
@@ -83,20 +86,24 @@ def main() -> None:
     warm = entries[:8]
     measure("warm-up", "fast", 8, warm)
     rows = []
+    fused_kernels.ENABLED = False  # the original's eager RMSNorm and SiLU
     baseline, baseline_captions = measure("original: chat(), batch 1", "hf", 1, entries[: args.baseline_images])
     rows.append(baseline)
     save(rows)
     for run in args.batch_sizes.split(","):
         batch_size, *flags = run.split("+")
-        unknown = set(flags) - {"nographs"}
+        unknown = set(flags) - {"nographs", "nokernels"}
         if unknown:
             parser.error(f"unknown option(s) {sorted(unknown)} in --batch-sizes {run}")
         label = f"fast engine, batch {batch_size}" + "".join(f", {flag}" for flag in flags)
+        fused_kernels.ENABLED = "nokernels" not in flags
         try:
-            row, captions = measure(label, "fast", int(batch_size), entries, "nographs" not in flags)
+            row, captions = measure(label, "fast", int(batch_size), entries, flags)
         except Exception as error:  # e.g. out of memory: report it, keep the other rows
             print(f"{label}: {type(error).__name__}: {error}", flush=True)
             continue
+        finally:
+            fused_kernels.ENABLED = True
         row["speedup"] = round(row["images_per_s"] / baseline["images_per_s"], 1)
         row["same_captions_as_batch_1_on_its_images"] = sum(
             a == b for a, b in zip(captions, baseline_captions)) / len(baseline_captions)

@@ -27,6 +27,7 @@ from internvl_chat.eval.caption_data import (  # noqa: E402
     CaptionImages,
     ContiguousShardSampler,
     collate_images,
+    split_into_chunks,
     ground_truth_from_entries,
     single_threaded_worker,
     read_entries,
@@ -111,17 +112,17 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
     sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     if args.engine == "fast":
         counts = tile_counts(entries, dataset.transform.image_size, args.dynamic, args.max_num, config.use_thumbnail)
-        batches = TileGroupedBatches(sampler.indices, counts, args.batch_size)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                            collate_fn=collate_images, pin_memory=device.type == "cuda",
-                            worker_init_fn=single_threaded_worker)
+        batches = list(TileGroupedBatches(sampler.indices, counts, args.batch_size))
         captioner = FastCaptioner(model, tokenizer, CAPTION_PROMPT, caption_set.max_new_tokens,
                                   caption_set.min_new_tokens, profile=getattr(args, "profile", False),
                                   cuda_graphs=getattr(args, "cuda_graphs", True))
     else:
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            collate_fn=collate_images, pin_memory=device.type == "cuda",
-                            worker_init_fn=single_threaded_worker)
+        indices = sampler.indices
+        batches = [indices[i: i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
+    chunks = split_into_chunks(batches, args.num_workers)
+    loader = DataLoader(dataset, batch_sampler=[chunk for batch in chunks for chunk in batch],
+                        num_workers=args.num_workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
+                        worker_init_fn=single_threaded_worker)
     generation_config = dict(num_beams=args.num_beams, max_new_tokens=caption_set.max_new_tokens,
                              min_new_tokens=caption_set.min_new_tokens, do_sample=args.temperature > 0)
     if args.temperature > 0:
@@ -136,17 +137,32 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
     start = time.perf_counter()
     progress = tqdm(total=len(sampler), desc=f"captions rank {rank}", unit="img", disable=rank != 0,
                     dynamic_ncols=True)
-    waited, ready = 0.0, time.perf_counter()
-    for image_ids, pixel_values, tiles in loader:
-        waited += time.perf_counter() - ready
-        pixel_values = dataset.transform.normalize(pixel_values.to(device, non_blocking=True)).to(dtype)
+    waited = 0.0
+
+    def device_batches():
+        """(image ids, normalised tiles on the device, tiles per image) per batch; the loader's chunks are
+        concatenated on the device. Counts the seconds spent waiting for the loader."""
+        nonlocal waited
+        items = iter(loader)
+        for batch_chunks in chunks:
+            asked = time.perf_counter()
+            image_ids, parts, tiles = [], [], []
+            for _ in batch_chunks:
+                chunk_ids, chunk_pixels, chunk_tiles = next(items)
+                image_ids += chunk_ids
+                tiles += chunk_tiles
+                parts.append(chunk_pixels.to(device, non_blocking=True))
+            waited += time.perf_counter() - asked
+            pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
+            yield image_ids, dataset.transform.normalize(pixels).to(dtype), tiles
+
+    for image_ids, pixel_values, tiles in device_batches():
         if args.engine == "fast":
             batch_captions = captioner.caption(pixel_values, tiles[0])
         else:
             batch_captions = caption_batch(model, tokenizer, pixel_values, tiles, generation_config)
         by_id.update(zip(image_ids, batch_captions))
         progress.update(len(image_ids))
-        ready = time.perf_counter()
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
