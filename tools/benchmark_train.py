@@ -87,7 +87,8 @@ def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, l
         return row
 
 
-def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
+def set_up_mode(model, device, mode: set, lr: float):
+    """The model switched to a mode (compiled blocks, checkpointing on or off) and a fresh AdamW on its adapters."""
     llm = model.language_model
     if "compile" in mode:
         model.compile_blocks()
@@ -97,7 +98,21 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(trainable, lr=lr, fused=device.type == "cuda")
+
+
+def train_step(model, batch, optimizer, device, mode: set) -> torch.Tensor:
+    # bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's bf16 casts the adapters instead)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**batch, logits_for_labels_only="supervised_logits" in mode).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
+    optimizer = set_up_mode(model, device, mode, lr)
     fast_loss = "supervised_logits" in mode
     losses, samples, tokens, flops = [], 0, 0, 0.0
     if device.type == "cuda":
@@ -107,12 +122,7 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        # bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's bf16 casts the adapters instead)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch, logits_for_labels_only=fast_loss).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, optimizer, device, mode)
         losses.append(loss.item())
         if index >= warmup:
             real = batch["input_ids"] != 0

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Where a training step's GPU time goes: torch.profiler over a few steps of one benchmark_train mode.
+
+  python tools/gpu/profile_train_step.py --model /tmp/w/InternVL2-2B --mode supervised_logits+no_checkpointing+compile
+
+Prints the wall time per step, the GPU-busy time per step and the kernels taking most of it, grouped by name.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmark_train import prepare, set_up_mode, train_step  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--mode", default="supervised_logits+no_checkpointing+compile")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    mode = set(args.mode.split("+"))
+    options = SimpleNamespace(model=args.model, like=None, device="cuda", batch=4, pictures=4, steps=args.steps,
+                              warmup=args.warmup, lora_dropout=0.05, same_captions=False)
+    model, batches, device = prepare(options, Path(tempfile.mkdtemp()))
+    batches = batches["shared_image" if "shared_image" in mode else "per_caption"]
+    optimizer = set_up_mode(model, device, mode, lr=4e-5)
+    for batch in batches[: args.warmup]:
+        train_step(model, batch, optimizer, device, mode)
+    torch.cuda.synchronize()
+    timed = batches[args.warmup: args.warmup + args.steps]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in timed:
+            train_step(model, batch, optimizer, device, mode)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / len(timed)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in events) / 1e3 / len(timed)
+    print(f"{args.mode}: {wall * 1e3:.1f} ms wall per step, {busy:.1f} ms of kernels per step, "
+          f"{len(kernels) / len(timed):.0f} kernel launches per step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
