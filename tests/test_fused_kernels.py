@@ -22,6 +22,9 @@ from internvl_chat.model import fused_kernels as fk
 torch.manual_seed(0)
 h = torch.float16
 out = {}
+def compare(fused, reference):
+    return [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean())]
+
 with torch.no_grad():
     x = torch.randn(3, 5, 96).to(h)
     norm = fk.RMSNorm(96, eps=1e-5).to(h)
@@ -30,7 +33,7 @@ with torch.no_grad():
     reference = norm(x)
     fk.ENABLED = True
     fused = norm(x)
-    out["rms_norm"] = [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean())]
+    out["rms_norm"] = compare(fused, reference)
 
     # q and k as the fused wqkv hands them over: strided views of one [B, L, kv, G + 2, D] tensor
     qkv = torch.randn(2, 7, 2, 4, 16).to(h)
@@ -43,19 +46,19 @@ with torch.no_grad():
         reference = fk.apply_rotary(t, cos, sin)
         fk.ENABLED = True
         fused = fk.apply_rotary(t, cos, sin)
-        out[name] = [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean()),
-                     list(fused.shape) == list(reference.shape)]
+        out[name] = compare(fused, reference) + [list(fused.shape) == list(reference.shape)]
     cos_b, sin_b = torch.randn(2, 7, 16).to(h), torch.randn(2, 7, 16).to(h)  # per-sample tables
-    fused, reference = fk.rotary(q, cos_b, sin_b), q * cos_b[:, None] + torch.cat((-q[..., 8:], q[..., :8]), -1) * sin_b[:, None]
-    out["rotary_per_sample"] = [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean()), True]
+    fused = fk.rotary(q, cos_b, sin_b)
+    reference = q * cos_b[:, None] + torch.cat((-q[..., 8:], q[..., :8]), -1) * sin_b[:, None]
+    out["rotary_per_sample"] = compare(fused, reference) + [True]
 
     gate, up = torch.randn(5, 300).to(h), torch.randn(5, 300).to(h)
     fused, reference = fk.silu_times(gate, up), F.silu(gate) * up
-    out["silu_mul"] = [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean())]
+    out["silu_mul"] = compare(fused, reference)
 
     residual, branch, scale = torch.randn(2, 9, 64).to(h), torch.randn(2, 9, 64).to(h), torch.rand(64).to(h)
     fused, reference = fk.add_scaled(residual, branch, scale), residual + branch * scale
-    out["scaled_residual"] = [float((fused.float() - reference.float()).abs().max()), float((fused != reference).float().mean())]
+    out["scaled_residual"] = compare(fused, reference)
 print(json.dumps(out))
 """
 

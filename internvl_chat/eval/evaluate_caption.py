@@ -27,10 +27,10 @@ from internvl_chat.eval.caption_data import (  # noqa: E402
     CaptionImages,
     ContiguousShardSampler,
     collate_images,
-    split_into_chunks,
     ground_truth_from_entries,
     single_threaded_worker,
     read_entries,
+    split_into_chunks,
 )
 from internvl_chat.eval.caption_data import TileGroupedBatches, tile_counts  # noqa: E402
 from internvl_chat.eval.fast_captioner import FastCaptioner, supports_fast_path  # noqa: E402

@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from .configuration_intern_vit import InternVisionConfig
 from .fused_kernels import RMSNorm as InternRMSNorm
 from .fused_kernels import add_scaled
