@@ -220,6 +220,12 @@ def main(argv: list[str]) -> None:
     skipped = sum(part.skipped for part in dataset.datasets)
     if skipped:
         logger.warning("%d bad samples were skipped in the main process (workers log their own)", skipped)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process group down before interpreter exit: left to static destructors, a rank's backend
+        # threads were once seen to abort the process ("terminate called without an active exception") after a
+        # complete run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
