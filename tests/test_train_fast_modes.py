@@ -106,7 +106,7 @@ def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
 def test_shared_image_sequences_match_per_caption_batches(setup, attn):
     """One sequence per picture (prefix once, captions as segments) trains exactly like the per-caption
     micro-batch of the same captions: same loss, same LoRA gradients."""
-    from internvl_chat.data.collator import shared_image_collator
+    from internvl_chat.data.collator import batch_counts, shared_image_collator
 
     model, _, dataset = setup
     groups = dataset.datasets[0].image_groups()
@@ -117,6 +117,9 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
         reference_loss, reference_grads = loss_and_grads(model, concat_pad_data_collator(first + second))
         grouped = shared_image_collator([first, second])
         assert grouped["pixel_values"].shape[0] == first[0]["pixel_values"].shape[0] * 2  # each image once
+        per_caption_counts, grouped_counts = batch_counts(concat_pad_data_collator(first + second)), batch_counts(grouped)
+        assert per_caption_counts.captions == grouped_counts.captions == 6  # what throughput logging counts
+        assert per_caption_counts.supervised == grouped_counts.supervised
         assert grouped["input_ids"].shape[1] < sum(len(item["input_ids"]) for item in first)
         grouped_loss, grouped_grads = loss_and_grads(model, grouped)
         fast_loss, _ = loss_and_grads(model, grouped, logits_for_labels_only=True)

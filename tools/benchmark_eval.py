@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--baseline-images", type=int, default=100, help="images for the slow batch-1 path")
     parser.add_argument("--batch-sizes", default="64,128", help="fast-engine runs to measure: batch sizes, each "
-                                                                 "optionally +nographs")
+                                                                 "optionally +nographs and/or +nokernels")
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--work", default=None, help="folder for the model and data (default: a temp folder)")
     parser.add_argument("--json", default=None)
@@ -86,7 +86,7 @@ def main() -> None:
     warm = entries[:8]
     measure("warm-up", "fast", 8, warm)
     rows = []
-    fused_kernels.ENABLED = False  # the original's eager RMSNorm and SiLU
+    fused_kernels.ENABLED = False  # the original's eager ops between the matmuls
     baseline, baseline_captions = measure("original: chat(), batch 1", "hf", 1, entries[: args.baseline_images])
     rows.append(baseline)
     save(rows)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from internvl_chat.data.collator import concat_pad_data_collator, shared_image_collator  # noqa: E402
+from internvl_chat.data.collator import batch_counts, concat_pad_data_collator, shared_image_collator  # noqa: E402
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
@@ -125,12 +125,11 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
         loss = train_step(model, batch, optimizer, device, mode)
         losses.append(loss.item())
         if index >= warmup:
-            real = batch["input_ids"] != 0
-            labels = batch["labels"]
-            positions = int((labels != -100).sum()) if fast_loss else real.numel()
-            samples += int(((labels[:, 1:] != -100) & (labels[:, :-1] == -100)).sum())  # captions
-            tokens += int(real.sum())
-            flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), real.sum(1).tolist(), positions)
+            counts = batch_counts(batch)
+            positions = counts.supervised if fast_loss else batch["input_ids"].numel()
+            samples += counts.captions
+            tokens += sum(counts.lengths)
+            flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), counts.lengths, positions)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -1,4 +1,6 @@
 """Batching: pad token tensors on the right, concatenate the tiles of all samples."""
+from dataclasses import dataclass
+
 import torch
 
 from .preprocess import IGNORE_INDEX
@@ -95,3 +97,19 @@ def image_grouping_collator(features: list[dict]) -> dict:
         else:
             groups.append([feature])
     return shared_image_collator(groups)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    captions: int  # runs of supervised labels: one per row, or several per row with a shared image prefix
+    lengths: list[int]  # real (not padding) tokens per row
+    supervised: int  # supervised label positions
+
+
+def batch_counts(batch: dict) -> BatchCounts:
+    """What a collated batch holds, for throughput and FLOP accounting."""
+    labels = batch["labels"]
+    supervised = labels != IGNORE_INDEX
+    return BatchCounts(captions=int((supervised[:, 1:] & ~supervised[:, :-1]).sum()),
+                       lengths=(batch["input_ids"] != COLLATOR_PAD_ID).sum(dim=1).tolist(),
+                       supervised=int(supervised.sum()))

@@ -4,15 +4,15 @@ import json
 import math
 import re
 import time
-from pathlib import Path
-
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
+from ..data.collator import batch_counts
 from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from .flops import FlopModel
 
@@ -89,17 +89,13 @@ class InternVLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        labels = inputs["labels"]
-        real = inputs["input_ids"] != 0  # the collators pad with id 0
-        # a caption is a run of supervised labels: one per row, or several per row with shared image prefixes
-        self._window["samples"] += int(((labels[:, 1:] != -100) & (labels[:, :-1] == -100)).sum())
-        self._window["tokens"] += int(real.sum())
+        counts = batch_counts(inputs)
+        self._window["samples"] += counts.captions
+        self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
-            mask = real
-            lengths = mask.sum(dim=1).tolist()
-            logit_positions = int((inputs["labels"] != -100).sum()) if self.supervised_logits_only else mask.numel()
+            logit_positions = counts.supervised if self.supervised_logits_only else inputs["input_ids"].numel()
             self._window["flops"] += self.flop_model.train_step_flops(
-                int(inputs["pixel_values"].shape[0]), lengths, logit_positions=logit_positions)
+                int(inputs["pixel_values"].shape[0]), counts.lengths, logit_positions=logit_positions)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
