@@ -59,6 +59,26 @@ with torch.no_grad():
     residual, branch, scale = torch.randn(2, 9, 64).to(h), torch.randn(2, 9, 64).to(h), torch.rand(64).to(h)
     fused, reference = fk.add_scaled(residual, branch, scale), residual + branch * scale
     out["scaled_residual"] = compare(fused, reference)
+
+    # LayerNorm of width 80 (not a power of two: masked columns must not enter the mean or the variance)
+    x = (torch.randn(4, 6, 80) * 3 + 1).to(h)
+    layer_norm = fk.LayerNorm(80, eps=1e-6).to(h)
+    layer_norm.weight.normal_(1.0, 0.2)
+    layer_norm.bias.normal_(0.0, 0.2)
+    fused, reference = layer_norm(x), F.layer_norm(x.float(), (80,), layer_norm.weight.float(),
+                                                    layer_norm.bias.float(), 1e-6).to(h)
+    out["layer_norm"] = compare(fused, reference)
+    # residual add + the following norm: the sum exactly as the eager add, the norm as the module's reference
+    branch = torch.randn(4, 6, 80).to(h)
+    for name, norm, scale in (("add_layer_norm", layer_norm, torch.rand(80).to(h)),
+                              ("add_rms_norm", fk.RMSNorm(80, eps=1e-5).to(h), None)):
+        total, normed = fk.add_then_norm(x, branch, scale, norm)
+        expected = x + branch * scale if scale is not None else x + branch
+        fk.ENABLED = False
+        reference = norm(expected)
+        fk.ENABLED = True
+        out[name + "_sum"] = compare(total, expected)
+        out[name] = compare(normed, reference)
 print(json.dumps(out))
 """
 
@@ -73,13 +93,14 @@ def run_interpreted(script: str) -> dict:
 
 def test_kernels_round_like_the_reference():
     results = run_interpreted(KERNELS)
-    for name in ("rotary_q", "rotary_k", "rotary_per_sample", "scaled_residual"):  # products and sums only
+    for name in ("rotary_q", "rotary_k", "rotary_per_sample", "scaled_residual", "add_layer_norm_sum",
+                 "add_rms_norm_sum"):  # products and sums only
         max_diff, share_differing, *same_shape = results[name]
         assert share_differing == 0.0 and max_diff == 0.0, (name, results[name])
         assert all(same_shape), name
     # RMSNorm sums squares in another order than torch.mean and SiLU's exp is numpy's here, not torch's: at most
     # one fp16 step on a few outputs (on a GPU in bf16 both were bit-identical; docs/PERFORMANCE.md)
-    for name in ("rms_norm", "silu_mul"):
+    for name in ("rms_norm", "silu_mul", "layer_norm", "add_layer_norm", "add_rms_norm"):
         max_diff, share_differing = results[name]
         assert share_differing < 0.01 and max_diff <= 2e-3, (name, results[name])
 
@@ -95,11 +116,11 @@ ids = torch.randint(3, 200, (2, 40))
 ids[:, 5:5 + model.num_image_token] = model.img_context_token_id = 90
 calls = {}
 def counted(name, kernel):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         calls[name] = calls.get(name, 0) + 1
-        return kernel(*args)
+        return kernel(*args, **kwargs)
     return wrapper
-for name in ("rms_norm", "rotary", "silu_mul", "scaled_residual"):
+for name in ("rms_norm", "rotary", "silu_mul", "scaled_residual", "residual_norm"):
     setattr(fk, name, counted(name, getattr(fk, name)))
 with torch.no_grad():
     fk.ENABLED = False
@@ -116,7 +137,9 @@ def test_model_forward_with_kernels_matches_reference(tmp_path):
     build_checkpoint(tmp_path / "tiny", seed=0, image_size=224)
     max_diff, scale, calls = run_interpreted(MODEL.replace("sys.argv[1]", repr(str(tmp_path / "tiny"))))
     layers = 2  # the tiny model's LLM and ViT depth
-    assert calls == {"rms_norm": 2 * layers + 1, "rotary": 2 * layers, "silu_mul": layers,
-                     "scaled_residual": 2 * layers}, calls
+    # residual_norm: the ViT's norm1 (LayerNorm alone), its norm2 and the LLM's ffn_norm (each after its residual
+    # add); rms_norm: the LLM's attention_norm and final norm; scaled_residual: the ViT's second residual
+    assert calls == {"rms_norm": layers + 1, "rotary": 2 * layers, "silu_mul": layers, "scaled_residual": layers,
+                     "residual_norm": 3 * layers}, calls
     assert scale > 0.1
     assert max_diff <= 1e-2 * scale, (max_diff, scale)  # fp16 logits; a wiring error gives O(scale)

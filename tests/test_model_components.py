@@ -2,10 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internlm2 import InternLM2Attention, InternLM2RotaryEmbedding
+from internvl_chat.model.modeling_internlm2 import InternLM2Attention, InternLM2DecoderLayer, InternLM2RotaryEmbedding
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
 from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
@@ -48,6 +49,28 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
         assert torch.equal(q[0, 2 * g + 1, 0], rows[base + hd: base + 2 * hd])
         assert torch.equal(k[0, g, 0], rows[base + 2 * hd: base + 3 * hd])
         assert torch.equal(v[0, g, 0], rows[base + 3 * hd: base + 4 * hd])
+
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_decoder_layer_only_last_position_keeps_the_cache_and_the_last_output(attention):
+    config = InternLM2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                             bias=False, num_hidden_layers=1)
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    layer = InternLM2DecoderLayer(config, 0).eval()
+    hidden = torch.randn(2, 9, 64)
+    positions = torch.arange(9)[None]
+    rotary = InternLM2RotaryEmbedding(config)(hidden, positions)
+    mask = torch.full((9, 9), float("-inf")).triu(1)[None, None] if attention == "eager" else None
+    with torch.no_grad():
+        full_cache, last_cache = DynamicCache(config=config), DynamicCache(config=config)
+        full = layer(hidden, rotary, attention_mask=mask, past_key_values=full_cache)
+        last = layer(hidden, rotary, attention_mask=mask, past_key_values=last_cache, only_last_position=True)
+    assert last.shape == (2, 1, 64)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+    assert torch.equal(last_cache.layers[0].keys, full_cache.layers[0].keys)
+    assert torch.equal(last_cache.layers[0].values, full_cache.layers[0].values)
 
 
 def rope_reference(positions, dim, base):
@@ -130,3 +153,4 @@ def test_unmerged_lora_checkpoint_reloads_with_its_adapters(tmp_path):
     assert torch.equal(expected, got)
     with reloaded.language_model.disable_adapter(), torch.no_grad():
         assert not torch.allclose(reloaded.language_model(input_ids=ids).logits, got)
+

@@ -4,7 +4,8 @@
   python tools/benchmark_kernels.py [--batch 128] [--json kernels.json]
 
 Rows: RMSNorm and rotary over a batched prefill ([batch x 1,850 tokens, 2,048]), SiLU x gate ([64k, 8,192]), the
-ViT's layer-scaled residual ([batch x 7 tiles x 1,025, 1,024]), and for scale one decoding step's attention over
+ViT's layer-scaled residual and LayerNorm ([batch x 7 tiles x 1,025, 1,024]), each residual add fused with the
+norm after it, the ViT's patch embedding (convolution or matmul), and for scale one decoding step's attention over
 a full static KV cache ([batch, 8 kv heads, 1,880, 128], 16 query heads). For each: the median time of 20 runs,
 the bytes that must move divided by that time, and the difference from the reference (the largest, and the
 share of outputs not bit-identical; the decoding row is compared with fp32).
@@ -106,7 +107,49 @@ def main() -> None:
         rows.append(row("layer-scaled residual (ViT): reference (eager)", lambda: residual + branch * scale, moved))
         rows.append(row("layer-scaled residual (ViT): triton",
                         lambda: fused_kernels.add_scaled(residual, branch, scale), moved, reference))
+        layer_norm = fused_kernels.LayerNorm(1024, eps=1e-6).to(device, dtype)
+        layer_norm.weight.normal_(1.0, 0.1)
+        layer_norm.bias.normal_(0.0, 0.1)
+        eager_norm = torch.nn.LayerNorm(1024, eps=1e-6).to(device, dtype)
+        eager_norm.load_state_dict(layer_norm.state_dict())
+        reference = eager_norm(residual)
+        moved = 2 * residual.numel() * residual.element_size()
+        rows.append(row("LayerNorm (ViT): reference (eager)", lambda: eager_norm(residual), moved))
+        rows.append(row("LayerNorm (ViT): triton", lambda: layer_norm(residual), moved, reference))
+        reference = eager_norm(residual + branch * scale)
+        moved = 4 * residual.numel() * residual.element_size()
+        rows.append(row("layer-scaled residual + LayerNorm (ViT): reference (eager)",
+                        lambda: eager_norm(residual + branch * scale), moved))
+        rows.append(row("layer-scaled residual + LayerNorm (ViT): triton, one pass",
+                        lambda: fused_kernels.add_then_norm(residual, branch, scale, layer_norm)[1], moved,
+                        reference))
         del residual, branch, reference
+
+        x = torch.randn(args.batch * 1850, 2048, device=device, dtype=dtype)
+        branch = torch.randn_like(x)
+        norm.to(device, dtype)
+        fused_kernels.ENABLED = False
+        reference = norm(x + branch)
+        moved = 4 * x.numel() * x.element_size()
+        rows.append(row("residual add + RMSNorm (LLM): reference (eager)", lambda: norm(x + branch), moved))
+        fused_kernels.ENABLED = True
+        rows.append(row("residual add + RMSNorm (LLM): triton, one pass",
+                        lambda: fused_kernels.add_then_norm(x, branch, None, norm)[1], moved, reference))
+        del x, branch, reference
+
+        # the ViT's patch embedding over a batch of tiles: cuDNN's convolution against the matmul the model runs
+        from internvl_chat.model.configuration_intern_vit import InternVisionConfig
+        from internvl_chat.model.modeling_intern_vit import InternVisionEmbeddings
+        embeddings = InternVisionEmbeddings(InternVisionConfig(hidden_size=1024, image_size=448, patch_size=14))
+        embeddings.to(device, dtype)
+        pixels = torch.randn(args.batch * 7, 3, 448, 448, device=device, dtype=dtype)
+        conv = embeddings.patch_embedding
+        reference = conv(pixels).flatten(2).transpose(1, 2)
+        moved = pixels.numel() * pixels.element_size() + reference.numel() * reference.element_size()
+        rows.append(row("patch embedding: nn.Conv2d (cuDNN)", lambda: conv(pixels), moved))
+        rows.append(row("patch embedding: as one matmul", lambda: embeddings._embed_patches(pixels), moved,
+                        reference))
+        del pixels, reference
 
         batch, heads, kv_heads, head_dim, capacity = args.batch, 16, 8, 128, 1880
         filled = capacity - 10

@@ -3,7 +3,7 @@
 The prompt is the same for every image, so images with the same number of tiles give token sequences of the
 same length: batches are formed per tile count and need no padding at all. Then
   - the ViT runs once over all tiles of the batch,
-  - the prefill is one causal pass (SDPA's flash kernel, no mask),
+  - the prefill is one causal SDPA pass (no mask), its last layer computed at the last position only,
   - decoding is a greedy loop over a preallocated KV cache (written in place, never copied), with the
     logits of the last position only; each step has static shapes (it reads the whole cache under a mask
     of the filled positions), so on a GPU it is recorded once as a CUDA graph and replayed: one launch per
@@ -158,8 +158,11 @@ class FastCaptioner:
             mask = mask[None, None]
         cache.decoding = False
         hidden = embeds
-        for layer in decoder.layers:
-            hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache)
+        last = len(decoder.layers) - 1
+        for index, layer in enumerate(decoder.layers):
+            # the first token comes from the last position only: the last layer computes nothing else
+            hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache,
+                           only_last_position=index == last)
         return decoder.norm(hidden[:, -1])
 
     def _greedy_choice(self, hidden, state):

@@ -1,5 +1,5 @@
-"""Triton kernels for inference of the memory-bound steps between matmuls: RMSNorm, rotary embedding, SiLU x
-gate and the ViT's layer-scaled residual.
+"""Triton kernels for inference of the memory-bound steps between matmuls: RMSNorm, LayerNorm, a residual add
+fused with the norm that follows it, rotary embedding, SiLU x gate and the ViT's layer-scaled residual.
 
 In eager PyTorch, RMSNorm is six kernels over fp32 copies of the activations, rotary five over q and k, SiLU x
 gate two and the layer-scaled residual two: memory-bound passes that, on a batched prefill of a quarter of a
@@ -8,7 +8,8 @@ and rounds where the reference rounds, so bf16 results are bit-identical to it (
 prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
 as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then times the up projection;
 the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where a multiply and an add
-could otherwise become one FMA).
+could otherwise become one FMA). LayerNorm is the exception: PyTorch reduces with Welford's algorithm, the kernel
+with a two-pass mean and variance in fp32, so a small share of bf16 outputs differ by one step.
 
 Used only where nothing needs a gradient (the modules check), on CUDA tensors of 16-bit types, with Triton
 installed; everything else takes the reference PyTorch path. `TRITON_INTERPRET=1` runs the kernels on a CPU
@@ -99,6 +100,41 @@ if triton is not None:
         scaled = (branch * scale).to(dtype).to(tl.float32)
         tl.store(out_ptr + offsets, (residual + scaled).to(dtype), mask=inside)
 
+    @triton.jit
+    def _residual_norm_kernel(residual_ptr, branch_ptr, scale_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr, width,
+                              eps, HAS_BRANCH: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              RMS: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: [sum = residual + branch (* scale)], then out = norm(sum); sum is written when there is a
+        branch. The norm is RMSNorm as the original's (normalised activations rounded before the weight) or
+        LayerNorm as F.layer_norm (fp32 throughout, rounded once)."""
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < width
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(residual_ptr + row * width + columns, mask=inside, other=0.0)
+        if HAS_BRANCH:
+            branch = tl.load(branch_ptr + row * width + columns, mask=inside, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+                branch = (branch * scale).to(dtype).to(tl.float32)
+            x = (x.to(tl.float32) + branch).to(dtype)
+            tl.store(sum_ptr + row * width + columns, x, mask=inside)
+        x = x.to(tl.float32)
+        weight = tl.load(weight_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+        if RMS:
+            variance = tl.sum(x * x, axis=0) / width
+            out = weight * (x * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+        else:
+            mean = tl.sum(x, axis=0) / width
+            centred = tl.where(inside, x - mean, 0.0)
+            variance = tl.sum(centred * centred, axis=0) / width
+            normed = tl.rsqrt(variance + eps) * centred
+            if HAS_BIAS:  # one FMA, as nvcc compiles PyTorch's gamma * normed + beta
+                out = tl.fma(weight, normed, tl.load(bias_ptr + columns, mask=inside, other=0.0).to(tl.float32))
+            else:
+                out = weight * normed
+        tl.store(out_ptr + row * width + columns, out.to(dtype), mask=inside)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype) over the last dimension, one pass."""
@@ -111,6 +147,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), width, eps, BLOCK=block,
                                        num_warps=min(max(block // 256, 1), 16))
     return out.view(x.shape)
+
+
+def residual_norm(residual: torch.Tensor, branch: torch.Tensor | None, scale: torch.Tensor | None,
+                  weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool):
+    """(residual + branch * scale, norm of that sum) in one pass over the rows; without a branch, norm(residual)."""
+    width = residual.shape[-1]
+    rows = residual.reshape(-1, width).contiguous()
+    out = torch.empty_like(rows)
+    total = torch.empty_like(rows) if branch is not None else rows
+    branch_rows = branch.reshape(-1, width).contiguous() if branch is not None else rows
+    block = triton.next_power_of_2(width)
+    _residual_norm_kernel[(rows.shape[0],)](
+        rows, branch_rows, scale if scale is not None else weight, weight, bias if bias is not None else weight,
+        total, out, width, eps, HAS_BRANCH=branch is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+        enable_fp_fusion=False)
+    return total.view(residual.shape), out.view(residual.shape)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -194,3 +247,35 @@ def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if kernels_apply(gate, up):
         return silu_mul(gate, up)
     return torch.nn.functional.silu(gate) * up
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state_dict keys); one Triton pass at inference."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _norm_kernel_applies(self, hidden_states):
+            return residual_norm(hidden_states, None, None, self.weight, self.bias, self.eps, rms=False)[1]
+        return super().forward(hidden_states)
+
+
+def _norm_kernel_applies(norm: nn.Module, *tensors: torch.Tensor) -> bool:
+    if isinstance(norm, RMSNorm):
+        parameters = (norm.weight,)
+    elif isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and len(norm.normalized_shape) == 1:
+        parameters = (norm.weight,) + ((norm.bias,) if norm.bias is not None else ())
+    else:
+        return False
+    return kernels_apply(*tensors, *parameters)
+
+
+def add_then_norm(residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
+                  norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add and the next norm: s = residual + branch (* scale), returns (s, norm(s)).
+    One pass instead of an add that writes s and a norm that reads it back."""
+    tensors = (residual, branch) + ((scale,) if scale is not None else ())
+    if _norm_kernel_applies(norm, *tensors) and residual.shape == branch.shape:
+        rms = isinstance(norm, RMSNorm)
+        eps = norm.variance_epsilon if rms else norm.eps
+        return residual_norm(residual, branch, scale, norm.weight, None if rms else norm.bias, eps, rms)
+    total = add_scaled(residual, branch, scale) if scale is not None else residual + branch
+    return total, norm(total)

@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_internlm2 import InternLM2Config
 from .fused_kernels import RMSNorm as InternLM2RMSNorm
-from .fused_kernels import apply_rotary, silu_times
+from .fused_kernels import add_then_norm, apply_rotary, silu_times
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,12 +111,20 @@ class InternLM2Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        only_last_position: bool = False,
         **kwargs,
     ) -> torch.Tensor:
+        """only_last_position: keys and values of every position (for the cache), the output of the last one
+        only (a prefill's last layer, whose other positions nothing reads)."""
         batch, length, _ = hidden_states.shape
         q, k, v = self.split_qkv(self.wqkv(hidden_states))
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos_q, sin_q = cos, sin
+        if only_last_position:
+            q, cos_q, sin_q, length = q[:, :, -1:], cos[:, -1:], sin[:, -1:], 1
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., -1:, :]
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -140,12 +148,15 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        only_last_position: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(
-            self.attention_norm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
-        )
-        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
+        attended = self.attention(self.attention_norm(hidden_states), position_embeddings, attention_mask,
+                                  past_key_values, only_last_position=only_last_position, **kwargs)
+        if only_last_position:
+            hidden_states = hidden_states[:, -1:]
+        hidden_states, normed = add_then_norm(hidden_states, attended, None, self.ffn_norm)
+        return hidden_states + self.feed_forward(normed)
 
 
 class InternLM2PreTrainedModel(PreTrainedModel):
