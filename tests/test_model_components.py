@@ -154,3 +154,10 @@ def test_unmerged_lora_checkpoint_reloads_with_its_adapters(tmp_path):
     with reloaded.language_model.disable_adapter(), torch.no_grad():
         assert not torch.allclose(reloaded.language_model(input_ids=ids).logits, got)
 
+
+def test_padding_positions_continue_the_sequence():
+    from internvl_chat.model.modeling_internvl_chat import positions_through_padding
+
+    positions = torch.tensor([[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5]])
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    assert positions_through_padding(positions, keep).tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]

@@ -72,7 +72,7 @@ def test_right_padding_needs_no_mask(setup, attn):
         model.language_model.config._attn_implementation = "sdpa"
     assert torch.allclose(loss, masked_loss, rtol=1e-6, atol=1e-7)
     for name, grad in masked_grads.items():
-        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-8), name
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), (name, float((grads[name] - grad).abs().max()))
 
 
 def test_compiled_blocks_give_the_same_loss_and_gradients(setup):
@@ -129,3 +129,25 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
     assert torch.allclose(fast_loss, reference_loss, rtol=1e-5)
     for name, grad in reference_grads.items():
         assert torch.allclose(grouped_grads[name], grad, rtol=1e-3, atol=1e-7), name
+
+
+
+def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
+    """A right-padded per-caption batch reaches SDPA without a mask, so SDPA runs its causal kernel: the pads'
+    position ids (0 from the collator) must not make transformers build a packed-sequence mask."""
+    import torch.nn.functional as F
+
+    model, batch, _ = setup
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+        if query.shape[-1] == model.config.llm_config.hidden_size // model.config.llm_config.num_attention_heads:
+            calls.append((query.shape[2], key.shape[2], attn_mask is not None, is_causal))
+        return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert (batch["position_ids"][~batch["attention_mask"]] == 0).all()  # padded with 0, as the original
+    with torch.no_grad():
+        model(**batch, logits_for_labels_only=True)
+    length = batch["input_ids"].shape[1]
+    assert calls == [(length, length, False, True)] * model.config.llm_config.num_hidden_layers

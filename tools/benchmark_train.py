@@ -60,20 +60,25 @@ def prepare(args, work: Path):
     encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
     dataset = build_datasets(work / "meta.json", encoder, image_size=model.config.force_image_size,
                              max_dynamic_patch=6)
-    def to_device(batch):
-        return {k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
-
     groups = dataset.datasets[0].image_groups()
     step_groups = [[[dataset[i] for i in groups[step * args.pictures + p]] for p in range(args.pictures)]
                    for step in range(steps)]
-    shared = [to_device(shared_image_collator(step)) for step in step_groups]
     if args.same_captions:  # per-caption batches of exactly the captions of each shared step
-        batches = [to_device(concat_pad_data_collator([item for group in step for item in group]))
-                   for step in step_groups]
+        step_items = [[item for group in step for item in group] for step in step_groups]
     else:
-        batches = [to_device(concat_pad_data_collator([dataset[step * args.batch + i] for i in range(args.batch)]))
-                   for step in range(steps)]
-    return model, {"per_caption": batches, "shared_image": shared}, device
+        step_items = [[dataset[step * args.batch + i] for i in range(args.batch)] for step in range(steps)]
+    return model, {"per_caption": step_items, "shared_image": step_groups}, device
+
+
+def mode_batches(steps: dict, mode: set, device) -> list[dict]:
+    """The mode's collated batches on the device (kept there, so the table measures the model, not the loader)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if "shared_image" in mode:
+        batches = [shared_image_collator(step) for step in steps["shared_image"]]
+    else:
+        batches = [concat_pad_data_collator(step) for step in steps["per_caption"]]
+    return [{k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
+            for batch in batches]
 
 
 def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
@@ -169,7 +174,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown mode(s) {sorted(unknown)}; known: {sorted(KNOWN_MODES)}")
     with tempfile.TemporaryDirectory() as tmp:
-        model, batches, device = prepare(args, Path(tmp))
+        model, steps, device = prepare(args, Path(tmp))
         flop_model = FlopModel.from_config(model.config, lora_rank=128)
         peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
         initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -180,8 +185,8 @@ def main() -> None:
                     if name in initial:
                         parameter.copy_(initial[name])
                         parameter.grad = None
-            rows.append(run_mode(model, batches["shared_image" if "shared_image" in mode else "per_caption"],
-                                 device, mode, args.warmup, flop_model, peak, args.lr))
+            rows.append(run_mode(model, mode_batches(steps, mode, device), device, mode, args.warmup, flop_model,
+                                 peak, args.lr))
     baseline = rows[0].get("captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, {args.model or args.like}, batch {args.batch} captions / {args.pictures} pictures, "

@@ -70,6 +70,17 @@ def only_right_padding(attention_mask: torch.Tensor | None) -> bool:
     return bool(keep[:, 0].all()) and bool((keep[:, 1:] <= keep[:, :-1]).all())
 
 
+def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Right padding's position ids continued one by one from the last real token. The collator pads them with 0,
+    and transformers reads a position that restarts as the start of another packed sequence: it then builds a
+    dense [B, 1, L, L] mask instead of letting SDPA run its causal kernel (no token attends to a pad, so the pads'
+    positions change nothing else)."""
+    lengths = keep.sum(dim=-1, keepdim=True)
+    last = position_ids.gather(-1, (lengths - 1).clamp(min=0))
+    steps = torch.arange(position_ids.shape[-1], device=position_ids.device) - lengths + 1
+    return torch.where(keep, position_ids, last + steps)
+
+
 class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     config: InternVLChatConfig
@@ -242,7 +253,8 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
-        attention_mask = self._attention_mask_for_backend(attention_mask, inputs_embeds.dtype, past_key_values)
+        attention_mask, position_ids = self._attention_inputs_for_backend(
+            attention_mask, position_ids, inputs_embeds.dtype, past_key_values)
         if labels is not None and logits_for_labels_only:
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched)
         outputs = self.language_model(
@@ -268,20 +280,23 @@ class InternVLChatModel(PreTrainedModel):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
 
-    def _attention_mask_for_backend(self, attention_mask, dtype, past_key_values=None):
-        """The training forward's mask as the attention backend needs it.
+    def _attention_inputs_for_backend(self, attention_mask, position_ids, dtype, past_key_values=None):
+        """The training forward's mask and position ids as the attention backend needs them.
         - A 2D mask with padding on the right only (the collator's) is dropped: under causal attention no real
           token sees a right-side pad, so only the outputs at pad positions (never supervised) change, and
-          SDPA/flash run their unmasked causal kernels.
+          SDPA/flash run their unmasked causal kernels. The pads' position ids are continued, or transformers
+          would take them for the start of a packed sequence and build a dense mask after all.
         - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA and
           flex as it is; eager attention adds its mask to the scores, so it gets 0 / -inf instead."""
         if past_key_values is None and only_right_padding(attention_mask):
-            return None
+            if position_ids is not None:
+                position_ids = positions_through_padding(position_ids, attention_mask.bool().to(position_ids.device))
+            return None, position_ids
         if (attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool
                 or self.config.llm_config._attn_implementation != "eager"):
-            return attention_mask
+            return attention_mask, position_ids
         bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        return bias.masked_fill(~attention_mask, torch.finfo(dtype).min)
+        return bias.masked_fill(~attention_mask, torch.finfo(dtype).min), position_ids
 
     def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, matched):
         llm = self.language_model

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a training step's GPU time goes: torch.profiler over a few steps of one benchmark_train mode.
 
-  python tools/gpu/profile_train_step.py --model /tmp/w/InternVL2-2B --mode supervised_logits+no_checkpointing+compile
+  python tools/gpu/profile_train_step.py --like InternVL2-2B --mode supervised_logits+no_checkpointing+compile
 
 Prints the wall time per step, the GPU-busy time per step and the kernels taking most of it, grouped by name.
 """
@@ -18,22 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmark_train import prepare, set_up_mode, train_step  # noqa: E402
+from benchmark_train import mode_batches, prepare, set_up_mode, train_step  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a checkpoint folder")
+    source.add_argument("--like", help="build a random full-size checkpoint of this size first")
     parser.add_argument("--mode", default="supervised_logits+no_checkpointing+compile")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
     mode = set(args.mode.split("+"))
-    options = SimpleNamespace(model=args.model, like=None, device="cuda", batch=4, pictures=4, steps=args.steps,
+    options = SimpleNamespace(model=args.model, like=args.like, device="cuda", batch=4, pictures=4, steps=args.steps,
                               warmup=args.warmup, lora_dropout=0.05, same_captions=False)
-    model, batches, device = prepare(options, Path(tempfile.mkdtemp()))
-    batches = batches["shared_image" if "shared_image" in mode else "per_caption"]
+    model, steps, device = prepare(options, Path(tempfile.mkdtemp()))
+    batches = mode_batches(steps, mode, device)
     optimizer = set_up_mode(model, device, mode, lr=4e-5)
     for batch in batches[: args.warmup]:
         train_step(model, batch, optimizer, device, mode)
