@@ -21,22 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmark_kernels import median_ms  # tools/ is on the path when run as a script
+
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def median_ms(function, repeats: int = 10) -> float:
-    for _ in range(3):
-        function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def attention_flops(batch, heads, query_length, key_length, head_dim, causal):
@@ -62,7 +50,7 @@ def timed_row(rows, case, variant, function, flops, backward):
             out.backward(grad_out)
 
     try:
-        milliseconds = median_ms(run)
+        milliseconds = median_ms(run, repeats=10)
     except Exception as error:  # backend refuses the case
         row = {"case": case, "variant": variant, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     else:
