@@ -143,3 +143,19 @@ def test_model_forward_with_kernels_matches_reference(tmp_path):
                      "residual_norm": 3 * layers}, calls
     assert scale > 0.1
     assert max_diff <= 1e-2 * scale, (max_diff, scale)  # fp16 logits; a wiring error gives O(scale)
+
+
+def test_6b_vit_forward_with_kernels_matches_reference(tmp_path):
+    """The InternViT-6B layout (RMSNorm, QK-norm, no qkv bias): its norm2 goes through the residual + RMSNorm kernel
+    with the layer scale, its norm1 and QK-norms through the RMSNorm kernel."""
+    from internvl_chat.synthetic.checkpoint import build_checkpoint
+
+    build_checkpoint(tmp_path / "tiny6b", vit="6b", seed=0, image_size=224)
+    max_diff, scale, calls = run_interpreted(MODEL.replace("sys.argv[1]", repr(str(tmp_path / "tiny6b"))))
+    layers = 2
+    # rms_norm: the ViT's norm1, q_norm and k_norm and the LLM's attention_norm per layer, plus the final norm;
+    # residual_norm: the ViT's norm2 and the LLM's ffn_norm after their residual adds
+    assert calls == {"rms_norm": 4 * layers + 1, "rotary": 2 * layers, "silu_mul": layers, "scaled_residual": layers,
+                     "residual_norm": 2 * layers}, calls
+    assert scale > 0.1
+    assert max_diff <= 1e-2 * scale, (max_diff, scale)
