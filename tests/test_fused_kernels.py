@@ -1,5 +1,5 @@
-"""The Triton inference kernels (RMSNorm, rotary, SiLU x gate, layer-scaled residual) against the PyTorch
-reference, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, in a fresh process: the switch is read
+"""The Triton inference kernels (RMSNorm, LayerNorm, residual add + norm, rotary, SiLU x gate, layer-scaled
+residual) against the PyTorch reference, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, in a fresh process: the switch is read
 when the kernels are defined). fp16, because the interpreter computes through numpy, which has no bf16; the
 kernels take their rounding steps from the tensor dtype, so bf16 runs the same code (tools/benchmark_kernels.py
 checks bf16 on a GPU)."""

@@ -51,7 +51,6 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
         assert torch.equal(v[0, g, 0], rows[base + 3 * hd: base + 4 * hd])
 
 
-
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_decoder_layer_only_last_position_keeps_the_cache_and_the_last_output(attention):
     config = InternLM2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -161,3 +160,29 @@ def test_padding_positions_continue_the_sequence():
     positions = torch.tensor([[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5]])
     keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
     assert positions_through_padding(positions, keep).tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_vit_layer_follows_the_original_residual_formula(training):
+    """x + drop_path(attn(norm1(x)) * ls1), then the same with the MLP: with stochastic depth active (training,
+    the same random draws) and without it."""
+    from internvl_chat.model.configuration_intern_vit import InternVisionConfig
+    from internvl_chat.model.modeling_intern_vit import InternVisionEncoderLayer
+
+    config = InternVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, qkv_bias=True,
+                                qk_normalization=False, norm_type="layer_norm", drop_path_rate=0.5)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = InternVisionEncoderLayer(config, drop_path_rate=0.5).train(training)
+    layer.ls1.data.normal_(1.0, 0.2)
+    layer.ls2.data.normal_(1.0, 0.2)
+    x = torch.randn(16, 5, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = layer(x)
+        torch.manual_seed(1)
+        h = x + layer.drop_path1(layer.attn(layer.norm1(x)) * layer.ls1)
+        expected = h + layer.drop_path2(layer.mlp(layer.norm2(h)) * layer.ls2)
+    assert torch.allclose(out, expected, atol=1e-6)
+    if training:  # some samples really lost a branch
+        assert not torch.allclose(out, layer.eval()(x), atol=1e-3)

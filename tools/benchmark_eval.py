@@ -5,8 +5,7 @@ full-size InternVL2 and COCO-shaped synthetic images (640x480 -> 7 tiles), measu
   python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 128,128+nokernels
 
 A batch size may carry +nographs (decoding steps launched from Python instead of replayed as a CUDA graph) and
-+nokernels (PyTorch's reference RMSNorm, rotary, SiLU x gate and layer-scaled residual instead of the Triton
-kernels).
++nokernels (the PyTorch reference ops instead of the Triton kernels of internvl_chat/model/fused_kernels.py).
 
 Prints a table (images/s, prefill tokens/s, model TFLOP/s, MFU, peak memory) and writes --json. Captions of the
 random model never end early, so every image gets the full 30 new tokens (the slowest case).

@@ -169,17 +169,18 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         attended = self.attn(self.norm1(hidden_states))
-        if self.drop_path1.drop_prob == 0.0 or not self.training:
-            hidden_states, normed = add_then_norm(hidden_states, attended, self.ls1, self.norm2)
-        else:
-            hidden_states = self._add_branch(hidden_states, attended, self.ls1, self.drop_path1)
+        if self._drops(self.drop_path1):
+            hidden_states = hidden_states + self.drop_path1(attended * self.ls1)
             normed = self.norm2(hidden_states)
-        return self._add_branch(hidden_states, self.mlp(normed), self.ls2, self.drop_path2)
+        else:  # the residual add and norm2 in one pass where the fused kernels apply
+            hidden_states, normed = add_then_norm(hidden_states, attended, self.ls1, self.norm2)
+        branch = self.mlp(normed)
+        if self._drops(self.drop_path2):
+            return hidden_states + self.drop_path2(branch * self.ls2)
+        return add_scaled(hidden_states, branch, self.ls2)
 
-    def _add_branch(self, hidden_states, branch, layer_scale, drop_path: DropPath) -> torch.Tensor:
-        if drop_path.drop_prob == 0.0 or not self.training:
-            return add_scaled(hidden_states, branch, layer_scale)
-        return hidden_states + drop_path(branch * layer_scale)
+    def _drops(self, drop_path: DropPath) -> bool:
+        return self.training and drop_path.drop_prob > 0.0
 
 
 class InternVisionEncoder(nn.Module):
