@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from internvl_chat.data.collator import concat_pad_data_collator
+from internvl_chat.data.collator import concat_pad_data_collator, shared_image_collator
 from internvl_chat.data.dataset import build_datasets
 from internvl_chat.data.preprocess import ConversationTokenizer
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
@@ -87,6 +87,24 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(setup):
     assert sorted(compiled.state_dict()) == sorted(model.state_dict())  # checkpoints keep their keys
 
 
+def test_each_compiled_stack_is_one_graph(setup):
+    """All decoder layers of a step run one compiled graph, and so do all ViT layers: a second graph per stack
+    costs another compile of forward and backward (tens of seconds for a 2B model on a GPU) and, when its case
+    first appears mid-run, a stall. The first decoder layer used to get a view of the embeddings as input, a
+    guarded difference from the other layers."""
+    from torch._dynamo.utils import counters
+
+    model, _, dataset = setup
+    groups = dataset.datasets[0].image_groups()
+    batch = shared_image_collator([[dataset[i] for i in group[:3]] for group in groups[:2]])
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled.compile_blocks()
+    graphs_before = counters["stats"]["unique_graphs"]
+    loss_and_grads(compiled, batch, logits_for_labels_only=True)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2  # one for the ViT layers, one for the LLM's
+
+
 def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
     from transformers import TrainingArguments
 
@@ -106,7 +124,7 @@ def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
 def test_shared_image_sequences_match_per_caption_batches(setup, attn):
     """One sequence per picture (prefix once, captions as segments) trains exactly like the per-caption
     micro-batch of the same captions: same loss, same LoRA gradients."""
-    from internvl_chat.data.collator import batch_counts, shared_image_collator
+    from internvl_chat.data.collator import MASK_LENGTH_MULTIPLE, batch_counts
 
     model, _, dataset = setup
     groups = dataset.datasets[0].image_groups()
@@ -121,6 +139,7 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
         assert per_caption_counts.captions == grouped_counts.captions == 6  # what throughput logging counts
         assert per_caption_counts.supervised == grouped_counts.supervised
         assert grouped["input_ids"].shape[1] < sum(len(item["input_ids"]) for item in first)
+        assert grouped["input_ids"].shape[1] % MASK_LENGTH_MULTIPLE == 0  # one compiled graph for every batch
         grouped_loss, grouped_grads = loss_and_grads(model, grouped)
         fast_loss, _ = loss_and_grads(model, grouped, logits_for_labels_only=True)
     finally:

@@ -7,6 +7,11 @@ from .preprocess import IGNORE_INDEX
 
 # The original pads input_ids with 0 (not the tokenizer's pad id) and derives attention_mask = ids != 0.
 COLLATOR_PAD_ID = 0
+# Shared-image sequences are padded to a multiple of this. Their [B, 1, L, L] mask then always has 8-aligned rows,
+# which the fused attention kernels need: torch.compile otherwise builds a second graph of every LLM block for
+# unaligned lengths (a copy of the mask per layer), and compiling it when such a batch first appears, mid-run,
+# stalls training for tens of seconds (H100, 2026-11-28).
+MASK_LENGTH_MULTIPLE = 8
 
 
 def concat_pad_data_collator(features: list[dict], pad_id: int = COLLATOR_PAD_ID) -> dict:
@@ -39,7 +44,7 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
     whose logits predict the caption's first token). A segment attends to the prefix and to itself only, with
     positions continuing from the prefix, so every (context, target) pair of the per-caption batch is kept
     exactly, while the ViT and the ~1,850 prefix tokens are computed once per picture instead of per caption.
-    attention_mask is a boolean [B, 1, L, L] (True: may attend)."""
+    attention_mask is a boolean [B, 1, L, L] (True: may attend); L is a multiple of MASK_LENGTH_MULTIPLE."""
     sequences, labels, positions, spans, pixel_values, image_flags = [], [], [], [], [], []
     for items in groups:
         first = items[0]
@@ -67,7 +72,7 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
         pixel_values.append(first["pixel_values"])
         image_flags.append(first["image_flags"])
 
-    longest = max(len(sequence) for sequence in sequences)
+    longest = -(-max(len(sequence) for sequence in sequences) // MASK_LENGTH_MULTIPLE) * MASK_LENGTH_MULTIPLE
     batch = len(groups)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     label_rows = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)

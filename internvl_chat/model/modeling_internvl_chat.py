@@ -210,23 +210,23 @@ class InternVLChatModel(PreTrainedModel):
         if self.img_context_token_id is None:
             raise ValueError("img_context_token_id is not set: assign tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') "
                              "to model.img_context_token_id (chat() and batch_chat() do it themselves)")
-        batch, length, hidden = embeds.shape
-        positions = (input_ids.reshape(-1) == self.img_context_token_id).nonzero().squeeze(-1)
-        features = vit_embeds.reshape(-1, hidden).to(embeds.dtype)
-        matched = positions.numel() == features.shape[0]
+        rows, columns = (input_ids == self.img_context_token_id).nonzero(as_tuple=True)  # (sample, position) order
+        features = vit_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        matched = rows.numel() == features.shape[0]
         if not matched:
             message = (
-                f"{positions.numel()} <IMG_CONTEXT> tokens but {features.shape[0]} image features "
+                f"{rows.numel()} <IMG_CONTEXT> tokens but {features.shape[0]} image features "
                 f"({features.shape[0] // self.num_image_token} tiles x {self.num_image_token} tokens)"
             )
             if strict:
                 raise ValueError(message)
             warnings.warn(message + "; the loss of this batch is zeroed")
-            count = min(positions.numel(), features.shape[0])
-            positions, features = positions[:count], features[:count]
-        # index_put keeps the features in the autograd graph (the original's `x * 0.0 + features`).
-        embeds = embeds.reshape(batch * length, hidden).index_put((positions,), features)
-        return embeds.reshape(batch, length, hidden), matched
+            count = min(rows.numel(), features.shape[0])
+            rows, columns, features = rows[:count], columns[:count], features[:count]
+        # index_put keeps the features in the autograd graph (the original's `x * 0.0 + features`). Indexing the
+        # [B, L, H] tensor itself, not a flattened view, hands the first decoder layer a tensor that is no view:
+        # torch.compile guards on that, and a view there compiled the first layer's graph a second time.
+        return embeds.index_put((rows, columns), features), matched
 
     # ------------------------------------------------------------------ training forward
     def forward(
