@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
 from internvl_chat.data.collator import batch_counts, concat_pad_data_collator, shared_image_collator  # noqa: E402
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
@@ -54,7 +55,7 @@ def prepare(args, work: Path):
     model.wrap_llm_lora(r=128, lora_alpha=256, lora_dropout=args.lora_dropout)
     model.language_model.config.use_cache = False
     steps = args.steps + args.warmup
-    images = max(args.batch * steps // 5 + 1, args.pictures * steps) + 1
+    images = max(max(args.batch, args.faithful_batch) * steps // 5 + 1, args.pictures * steps) + 1
     make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0, image_size=(640, 480),
                         meta_path=work / "meta.json", force=True)
     encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
@@ -65,9 +66,12 @@ def prepare(args, work: Path):
                    for step in range(steps)]
     if args.same_captions:  # per-caption batches of exactly the captions of each shared step
         step_items = [[item for group in step for item in group] for step in step_groups]
+        faithful_items = step_items
     else:
         step_items = [[dataset[step * args.batch + i] for i in range(args.batch)] for step in range(steps)]
-    return model, {"per_caption": step_items, "shared_image": step_groups}, device
+        faithful_items = [[dataset[step * args.faithful_batch + i] for i in range(args.faithful_batch)]
+                          for step in range(steps)]
+    return model, {"per_caption": step_items, "faithful": faithful_items, "shared_image": step_groups}, device
 
 
 def mode_batches(steps: dict, mode: set, device) -> list[dict]:
@@ -75,6 +79,8 @@ def mode_batches(steps: dict, mode: set, device) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if "shared_image" in mode:
         batches = [shared_image_collator(step) for step in steps["shared_image"]]
+    elif "faithful" in mode:
+        batches = [concat_pad_data_collator(step) for step in steps["faithful"]]
     else:
         batches = [concat_pad_data_collator(step) for step in steps["per_caption"]]
     return [{k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
@@ -96,6 +102,9 @@ def set_up_mode(model, device, mode: set, lr: float):
     """The model switched to a mode (compiled blocks, checkpointing on or off) and a fresh AdamW on its adapters."""
     llm = model.language_model
     if "compile" in mode:
+        # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it
+        # needs, and the compiles counted in its timed steps are its own.
+        torch._dynamo.reset()
         model.compile_blocks()
     if "no_checkpointing" in mode:
         llm.gradient_checkpointing_disable()
@@ -122,11 +131,13 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
     losses, samples, tokens, flops = [], 0, 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_accumulated_memory_stats()
     for index, batch in enumerate(batches):
         if index == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+            graphs_before = dynamo_counters["stats"]["unique_graphs"]
         loss = train_step(model, batch, optimizer, device, mode)
         losses.append(loss.item())
         if index >= warmup:
@@ -138,12 +149,31 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    # A graph compiled inside the timed steps (a batch shape the warm-up did not cover) costs seconds, not
+    # milliseconds, and would make the row measure the compiler: flag it.
+    compiles = dynamo_counters["stats"]["unique_graphs"] - graphs_before
+    if compiles:
+        print(f"warning: {compiles} graph(s) compiled during the timed steps of {'+'.join(sorted(mode))}; "
+              "raise --warmup", flush=True)
     row = {"mode": "+".join(sorted(mode)), "captions_per_s": round(samples / seconds, 2),
-           "tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1),
-           "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None, "losses": [round(value, 5) for value in losses],
-           "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
+           "tokens_per_s": round(tokens / seconds), "compiles_in_timed_steps": compiles,
+           "tflops": round(flops / seconds / 1e12, 1), "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None,
+           "losses": [round(value, 5) for value in losses],
+           **memory_stats(device)}
     print(row, flush=True)
     return row
+
+
+def memory_stats(device) -> dict:
+    """Peak memory and the caching allocator's retries: a retry frees every cached block and waits for the GPU,
+    so a step that needs them is many times slower than its kernels (then try
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or a smaller batch)."""
+    if device.type != "cuda":
+        return {"peak_memory_gb": None}
+    stats = torch.cuda.memory_stats()
+    return {"peak_memory_gb": round(stats["allocated_bytes.all.peak"] / 2**30, 1),
+            "peak_reserved_gb": round(stats["reserved_bytes.all.peak"] / 2**30, 1),
+            "allocator_retries": stats["num_alloc_retries"]}
 
 
 def main() -> None:
@@ -151,7 +181,9 @@ def main() -> None:
     parser.add_argument("--like", default="InternVL2-2B", help="random weights with this model's shapes")
     parser.add_argument("--model", default=None, help="an existing checkpoint instead of --like")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=4, help="captions per step (the tutorial's per-device 4)")
+    parser.add_argument("--batch", type=int, default=4, help="captions per step in the fast per-caption modes")
+    parser.add_argument("--faithful-batch", type=int, default=4,
+                        help="captions per step in the faithful mode (the tutorial's per-device 4)")
     parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
@@ -189,17 +221,20 @@ def main() -> None:
                                  peak, args.lr))
     baseline = rows[0].get("captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{name}, {args.model or args.like}, batch {args.batch} captions / {args.pictures} pictures, "
+    print(f"\n{name}, {args.model or args.like}, a step: {args.faithful_batch} captions (faithful), {args.batch} "
+          f"captions (other per-caption modes), {args.pictures} pictures (shared_image), "
           f"{args.steps} timed steps per mode")
-    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB | vs first row | loss: first, last |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB (reserved) | allocator retries | vs first row "
+          "| loss: first, last |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['mode']} | {row['error']} | | | | | | |")
+            print(f"| {row['mode']} | {row['error']} | | | | | | | |")
             continue
         ratio = f"{row['captions_per_s'] / baseline:.2f}x" if baseline else ""
         print(f"| {row['mode']} | {row['captions_per_s']} | {row['tokens_per_s']:,} | {row['tflops']} | "
-              f"{row['mfu']} | {row['peak_memory_gb']} | {ratio} | {row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
+              f"{row['mfu']} | {row['peak_memory_gb']} ({row.get('peak_reserved_gb')}) | "
+              f"{row.get('allocator_retries')} | {ratio} | {row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
     if args.same_captions:
         reference = rows[0].get("losses")
         for row in rows[1:]:

@@ -30,10 +30,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4, help="captions per step in per-caption modes")
+    parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
     args = parser.parse_args()
     mode = set(args.mode.split("+"))
-    options = SimpleNamespace(model=args.model, like=args.like, device="cuda", batch=4, pictures=4, steps=args.steps,
-                              warmup=args.warmup, lora_dropout=0.05, same_captions=False)
+    options = SimpleNamespace(model=args.model, like=args.like, device="cuda", batch=args.batch,
+                              faithful_batch=args.batch, pictures=args.pictures, steps=args.steps, warmup=args.warmup,
+                              lora_dropout=0.05, same_captions=False)
     model, steps, device = prepare(options, Path(tempfile.mkdtemp()))
     batches = mode_batches(steps, mode, device)
     optimizer = set_up_mode(model, device, mode, lr=4e-5)
@@ -51,7 +54,8 @@ def main() -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total for e in events) / 1e3 / len(timed)
     print(f"{args.mode}: {wall * 1e3:.1f} ms wall per step, {busy:.1f} ms of kernels per step, "
-          f"{len(kernels) / len(timed):.0f} kernel launches per step")
+          f"{len(kernels) / len(timed):.0f} kernel launches per step, "
+          f"{torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
 
 
