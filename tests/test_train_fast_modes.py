@@ -150,6 +150,61 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
         assert torch.allclose(grouped_grads[name], grad, rtol=1e-3, atol=1e-7), name
 
 
+def shared_image_batch(dataset, captions=3):
+    groups = dataset.datasets[0].image_groups()
+    return shared_image_collator([[dataset[i] for i in group[:captions]] for group in groups[:2]])
+
+
+@pytest.fixture
+def flex_attention_llm(setup):
+    model = setup[0]
+    model.config.llm_config._attn_implementation = "flex_attention"
+    yield model
+    model.config.llm_config._attn_implementation = "sdpa"
+
+
+def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_attention_llm):
+    """Under flex attention the shared-image mask becomes a BlockMask that allows exactly what the dense mask
+    allows, and the loss equals SDPA's under the dense mask. Forward only: PyTorch has no flex attention backward
+    on the CPU (the gradients: test_flex_attention_trains_like_sdpa_on_cuda)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model, _, dataset = setup
+    batch = shared_image_batch(dataset)
+    dense = batch["attention_mask"]
+    converted, _ = model._attention_inputs_for_backend(dense, batch["position_ids"], torch.float32)
+    assert isinstance(converted, BlockMask)
+    rows, length = dense.shape[0], dense.shape[-1]
+    b, q, kv = (torch.arange(n).view(*shape) for n, shape in
+                ((rows, (-1, 1, 1)), (length, (1, -1, 1)), (length, (1, 1, -1))))
+    assert torch.equal(converted.mask_mod(b, 0, q, kv), dense[:, 0])
+    model.eval()
+    with torch.no_grad():
+        flex_loss = model(**batch, logits_for_labels_only=True).loss
+        model.config.llm_config._attn_implementation = "sdpa"
+        sdpa_loss = model(**batch, logits_for_labels_only=True).loss
+    model.train()
+    assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_trains_like_sdpa_on_cuda(setup, compiled):
+    """The shared-image step with flex attention (BlockMask) gives SDPA's loss and LoRA gradients (fp32 GPU)."""
+    model, _, dataset = setup
+    model = copy.deepcopy(model).cuda()
+    if compiled:
+        torch._dynamo.reset()
+        model.compile_blocks()
+    batch = {key: value.cuda() for key, value in shared_image_batch(dataset).items()}
+    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    model.config.llm_config._attn_implementation = "flex_attention"
+    flex_loss, flex_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-4)
+    for name, grad in sdpa_grads.items():
+        assert torch.allclose(flex_grads[name], grad, rtol=1e-3, atol=1e-6), name
+
+
 def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
     """A right-padded per-caption batch reaches SDPA without a mask, so SDPA runs its causal kernel: the pads'
     position ids (0 from the collator) must not make transformers build a packed-sequence mask."""

@@ -12,6 +12,8 @@ Modes (combine with '+'):
   no_checkpointing   keep activations instead of recomputing them (--grad_checkpoint False)
   shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
+  flex               the LLM's attention through flex attention: the shared-image mask as a BlockMask whose empty
+                     blocks are skipped (CUDA only: PyTorch has no flex attention backward on the CPU)
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
@@ -34,11 +36,12 @@ from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
+from internvl_chat.model.modeling_internvl_chat import default_attn_implementation  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
-KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile"}
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile", "flex"}
 
 
 def prepare(args, work: Path):
@@ -99,8 +102,11 @@ def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, l
 
 
 def set_up_mode(model, device, mode: set, lr: float):
-    """The model switched to a mode (compiled blocks, checkpointing on or off) and a fresh AdamW on its adapters."""
+    """The model switched to a mode (compiled blocks, checkpointing on or off, the LLM's attention) and a fresh
+    AdamW on its adapters."""
     llm = model.language_model
+    attention = "flex_attention" if "flex" in mode else default_attn_implementation()
+    model.config.llm_config._attn_implementation = attention
     if "compile" in mode:
         # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it
         # needs, and the compiles counted in its timed steps are its own.
@@ -224,8 +230,8 @@ def main() -> None:
     print(f"\n{name}, {args.model or args.like}, a step: {args.faithful_batch} captions (faithful), {args.batch} "
           f"captions (other per-caption modes), {args.pictures} pictures (shared_image), "
           f"{args.steps} timed steps per mode")
-    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB (reserved) | allocator retries | vs first row "
-          "| loss: first, last |")
+    print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB (reserved) | allocator retries "
+          "| vs first row | loss: first, last |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:

@@ -81,6 +81,17 @@ def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) ->
     return torch.where(keep, position_ids, last + steps)
 
 
+def block_mask_from_dense(mask: torch.Tensor):
+    """A boolean [B, 1, L, L] mask (True: may attend) as flex attention's BlockMask: blocks of 128 x 128 that
+    the mask leaves empty are skipped, full ones run without a mask, and only the partly masked ones (the
+    diagonal, the captions' edges) read the dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, q_length, kv_length = mask.shape
+    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
+                             device=mask.device)
+
+
 class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     config: InternVLChatConfig
@@ -286,14 +297,19 @@ class InternVLChatModel(PreTrainedModel):
           token sees a right-side pad, so only the outputs at pad positions (never supervised) change, and
           SDPA/flash run their unmasked causal kernels. The pads' position ids are continued, or transformers
           would take them for the start of a packed sequence and build a dense mask after all.
-        - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA and
-          flex as it is; eager attention adds its mask to the scores, so it gets 0 / -inf instead."""
+        - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA as it
+          is; flex attention gets it as a BlockMask, so that it skips the blocks the mask leaves empty; eager
+          attention adds its mask to the scores, so it gets 0 / -inf instead."""
         if past_key_values is None and only_right_padding(attention_mask):
             if position_ids is not None:
                 position_ids = positions_through_padding(position_ids, attention_mask.bool().to(position_ids.device))
             return None, position_ids
-        if (attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool
-                or self.config.llm_config._attn_implementation != "eager"):
+        if attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
+            return attention_mask, position_ids
+        implementation = self.config.llm_config._attn_implementation
+        if implementation == "flex_attention":
+            return block_mask_from_dense(attention_mask), position_ids
+        if implementation != "eager":
             return attention_mask, position_ids
         bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         return bias.masked_fill(~attention_mask, torch.finfo(dtype).min), position_ids
