@@ -1,7 +1,7 @@
 #!/bin/sh
 # One device call for the training modes: the CUDA-only tests (flex attention's loss and LoRA gradients against
 # SDPA, eager and compiled), then benchmark_train's table on a random full-size InternVL2-2B built once.
-#   sh tools/gpu/train_modes_check.sh OUT_DIR            # faithful, grouped with SDPA, grouped with flex attention
+#   sh tools/gpu/train_modes_check.sh OUT_DIR     # faithful; per caption and grouped, each with SDPA and with flex
 #   PICTURES=8 BATCH=8 MODES=faithful,supervised_logits+no_checkpointing+compile \
 #       sh tools/gpu/train_modes_check.sh OUT_DIR
 # Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), STEPS, WARMUP, MODES, WORK,
@@ -11,8 +11,9 @@ set -u
 out=${1:?usage: sh tools/gpu/train_modes_check.sh OUT_DIR}
 python=${PYTHON:-python3}
 work=${WORK:-/tmp/train_modes_check}
-grouped=shared_image+supervised_logits+no_checkpointing+compile
-MODES=${MODES:-faithful,$grouped,flex+$grouped}
+per_caption=supervised_logits+no_checkpointing+compile
+grouped=shared_image+$per_caption
+MODES=${MODES:-faithful,$per_caption,flex+$per_caption,$grouped,flex+$grouped}
 mkdir -p "$out" "$work"
 
 if ! "$python" -c "import pytest" 2>/dev/null && [ -d .whl ]; then
