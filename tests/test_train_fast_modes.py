@@ -161,6 +161,7 @@ def flex_attention_llm(setup):
     model.config.llm_config._attn_implementation = "flex_attention"
     yield model
     model.config.llm_config._attn_implementation = "sdpa"
+    model.train()
 
 
 def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_attention_llm):
@@ -183,7 +184,6 @@ def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_a
         flex_loss = model(**batch, logits_for_labels_only=True).loss
         model.config.llm_config._attn_implementation = "sdpa"
         sdpa_loss = model(**batch, logits_for_labels_only=True).loss
-    model.train()
     assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-5)
 
 

@@ -12,8 +12,8 @@ Modes (combine with '+'):
   no_checkpointing   keep activations instead of recomputing them (--grad_checkpoint False)
   shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
-  flex               the LLM's attention through flex attention: the shared-image mask as a BlockMask whose empty
-                     blocks are skipped (CUDA only: PyTorch has no flex attention backward on the CPU)
+  flex               the LLM's attention through flex attention (causal, or the shared-image mask as a BlockMask
+                     whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on the CPU
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
