@@ -3,12 +3,17 @@
 
   python tools/gpu/profile_train_step.py --like InternVL2-2B --mode supervised_logits+no_checkpointing+compile
 
-Prints the wall time per step, the GPU-busy time per step and the kernels taking most of it, grouped by name.
+Prints the wall time per step without the profiler, on first sight of the timed batches and on a second pass over
+them (every shape seen: compiled graphs and cuDNN plans cached), then under the profiler the GPU-busy time per step
+and the kernels taking most of it, grouped by name, and last the places in one step where the host waits for the
+GPU (each such wait empties the GPU's queue, so host time after it is not hidden behind kernels).
 """
 import argparse
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +49,9 @@ def main() -> None:
         train_step(model, batch, optimizer, device, mode)
     torch.cuda.synchronize()
     timed = batches[args.warmup: args.warmup + args.steps]
+    first_sight, second_pass = (seconds_per_step(model, timed, optimizer, device, mode) for _ in range(2))
+    print(f"{args.mode}: {first_sight * 1e3:.1f} ms a step on first sight of {len(timed)} batches, "
+          f"{second_pass * 1e3:.1f} ms on a second pass over them (no profiler)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for batch in timed:
@@ -57,6 +65,33 @@ def main() -> None:
           f"{len(kernels) / len(timed):.0f} kernel launches per step, "
           f"{torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
+    sites = synchronizing_lines(model, timed[-1], optimizer, device, mode)
+    print(f"{sum(sites.values())} host-GPU synchronizations in one step, by source line:")
+    for site, count in sites.most_common():
+        print(f"  {count} x {site}")
+
+
+def seconds_per_step(model, batches, optimizer, device, mode) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        train_step(model, batch, optimizer, device, mode)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(batches)
+
+
+def synchronizing_lines(model, batch, optimizer, device, mode) -> Counter:
+    """One training step under CUDA's sync debug mode, which warns at every operation that waits for the GPU;
+    the warning carries the Python line that called the operation."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(model, batch, optimizer, device, mode)
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
 
 
 if __name__ == "__main__":
