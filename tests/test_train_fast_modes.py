@@ -150,6 +150,24 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
         assert torch.allclose(grouped_grads[name], grad, rtol=1e-3, atol=1e-7), name
 
 
+def test_shared_image_padding_to_fewer_shapes_changes_nothing(setup):
+    """Padding shared-image sequences further (fewer distinct batch shapes) adds rows that nothing attends to."""
+    from internvl_chat.data.collator import MASK_LENGTH_MULTIPLE
+
+    model, _, dataset = setup
+    groups = dataset.datasets[0].image_groups()
+    items = [[dataset[i] for i in group[:3]] for group in groups[:2]]
+    aligned, bucketed = shared_image_collator(items), shared_image_collator(items, length_multiple=64)
+    assert bucketed["input_ids"].shape[1] % 64 == 0 and bucketed["input_ids"].shape[1] > aligned["input_ids"].shape[1]
+    loss, grads = loss_and_grads(model, aligned, logits_for_labels_only=True)
+    bucketed_loss, bucketed_grads = loss_and_grads(model, bucketed, logits_for_labels_only=True)
+    assert torch.allclose(bucketed_loss, loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(bucketed_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    with pytest.raises(ValueError, match="multiple of"):
+        shared_image_collator(items, length_multiple=MASK_LENGTH_MULTIPLE + 4)
+
+
 def shared_image_batch(dataset, captions=3):
     groups = dataset.datasets[0].image_groups()
     return shared_image_collator([[dataset[i] for i in group[:captions]] for group in groups[:2]])

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
-from internvl_chat.data.collator import batch_counts, concat_pad_data_collator, shared_image_collator  # noqa: E402
+from internvl_chat.data.collator import (MASK_LENGTH_MULTIPLE, batch_counts, concat_pad_data_collator,  # noqa: E402
+                                         shared_image_collator)
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
@@ -77,11 +78,11 @@ def prepare(args, work: Path):
     return model, {"per_caption": step_items, "faithful": faithful_items, "shared_image": step_groups}, device
 
 
-def mode_batches(steps: dict, mode: set, device) -> list[dict]:
+def mode_batches(steps: dict, mode: set, device, length_multiple: int = MASK_LENGTH_MULTIPLE) -> list[dict]:
     """The mode's collated batches on the device (kept there, so the table measures the model, not the loader)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if "shared_image" in mode:
-        batches = [shared_image_collator(step) for step in steps["shared_image"]]
+        batches = [shared_image_collator(step, length_multiple=length_multiple) for step in steps["shared_image"]]
     elif "faithful" in mode:
         batches = [concat_pad_data_collator(step) for step in steps["faithful"]]
     else:
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--faithful-batch", type=int, default=4,
                         help="captions per step in the faithful mode (the tutorial's per-device 4)")
     parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
+    parser.add_argument("--length-multiple", type=int, default=MASK_LENGTH_MULTIPLE,
+                        help="shared_image sequences padded to a multiple of this (fewer distinct shapes when larger)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
@@ -207,6 +210,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     modes = [set(m.split("+")) for m in args.modes.split(",")]
+    if args.length_multiple <= 0 or args.length_multiple % MASK_LENGTH_MULTIPLE:
+        parser.error(f"--length-multiple must be a positive multiple of {MASK_LENGTH_MULTIPLE}")
     for mode in modes:
         unknown = mode - KNOWN_MODES
         if unknown:
@@ -223,12 +228,13 @@ def main() -> None:
                     if name in initial:
                         parameter.copy_(initial[name])
                         parameter.grad = None
-            rows.append(run_mode(model, mode_batches(steps, mode, device), device, mode, args.warmup, flop_model,
-                                 peak, args.lr))
+            batches = mode_batches(steps, mode, device, args.length_multiple)
+            rows.append(run_mode(model, batches, device, mode, args.warmup, flop_model, peak, args.lr))
     baseline = rows[0].get("captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, {args.model or args.like}, a step: {args.faithful_batch} captions (faithful), {args.batch} "
-          f"captions (other per-caption modes), {args.pictures} pictures (shared_image), "
+          f"captions (other per-caption modes), {args.pictures} pictures (shared_image, lengths a multiple of "
+          f"{args.length_multiple}), "
           f"{args.steps} timed steps per mode")
     print("| mode | captions/s | tokens/s | model TFLOP/s | MFU | peak GB (reserved) | allocator retries "
           "| vs first row | loss: first, last |")

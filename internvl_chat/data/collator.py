@@ -36,7 +36,8 @@ def concat_pad_data_collator(features: list[dict], pad_id: int = COLLATOR_PAD_ID
     return batch
 
 
-def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_ID) -> dict:
+def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_ID,
+                          length_multiple: int = MASK_LENGTH_MULTIPLE) -> dict:
     """Batch of image groups, each group = the dataset items of one picture (same prompt, different captions).
 
     Each group becomes ONE sequence: the shared prefix (system, user turn, image tokens, assistant header but for
@@ -44,7 +45,10 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
     whose logits predict the caption's first token). A segment attends to the prefix and to itself only, with
     positions continuing from the prefix, so every (context, target) pair of the per-caption batch is kept
     exactly, while the ViT and the ~1,850 prefix tokens are computed once per picture instead of per caption.
-    attention_mask is a boolean [B, 1, L, L] (True: may attend); L is a multiple of MASK_LENGTH_MULTIPLE."""
+    attention_mask is a boolean [B, 1, L, L] (True: may attend); L is a multiple of length_multiple (a multiple
+    of MASK_LENGTH_MULTIPLE; larger ones give fewer distinct batch shapes)."""
+    if length_multiple <= 0 or length_multiple % MASK_LENGTH_MULTIPLE:
+        raise ValueError(f"length_multiple must be a multiple of {MASK_LENGTH_MULTIPLE}, got {length_multiple}")
     sequences, labels, positions, spans, pixel_values, image_flags = [], [], [], [], [], []
     for items in groups:
         first = items[0]
@@ -72,7 +76,7 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
         pixel_values.append(first["pixel_values"])
         image_flags.append(first["image_flags"])
 
-    longest = -(-max(len(sequence) for sequence in sequences) // MASK_LENGTH_MULTIPLE) * MASK_LENGTH_MULTIPLE
+    longest = -(-max(len(sequence) for sequence in sequences) // length_multiple) * length_multiple
     batch = len(groups)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     label_rows = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)

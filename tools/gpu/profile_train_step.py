@@ -37,13 +37,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4, help="captions per step in per-caption modes")
     parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
+    parser.add_argument("--length-multiple", type=int, default=8, help="shared_image sequences padded to this")
     args = parser.parse_args()
     mode = set(args.mode.split("+"))
     options = SimpleNamespace(model=args.model, like=args.like, device="cuda", batch=args.batch,
                               faithful_batch=args.batch, pictures=args.pictures, steps=args.steps, warmup=args.warmup,
                               lora_dropout=0.05, same_captions=False)
     model, steps, device = prepare(options, Path(tempfile.mkdtemp()))
-    batches = mode_batches(steps, mode, device)
+    batches = mode_batches(steps, mode, device, args.length_multiple)
     optimizer = set_up_mode(model, device, mode, lr=4e-5)
     for batch in batches[: args.warmup]:
         train_step(model, batch, optimizer, device, mode)
