@@ -4,8 +4,8 @@
 #   sh tools/gpu/train_modes_check.sh OUT_DIR     # faithful; per caption and grouped, each with SDPA and with flex
 #   PICTURES=8 BATCH=8 MODES=faithful,supervised_logits+no_checkpointing+compile \
 #       sh tools/gpu/train_modes_check.sh OUT_DIR
-# Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), STEPS, WARMUP, MODES, WORK,
-# DEVICE, PYTHON. Pytest is installed from .whl/ when the machine lacks it (carry .whl). Leaves OUT_DIR/tests.txt,
+# Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), LENGTH_MULTIPLE, STEPS, WARMUP,
+# MODES, WORK, DEVICE, PYTHON. Pytest is installed from .whl/ when the machine lacks it (carry .whl). Leaves OUT_DIR/tests.txt,
 # OUT_DIR/benchmark_train.txt and OUT_DIR/benchmark_train.json.
 set -u
 out=${1:?usage: sh tools/gpu/train_modes_check.sh OUT_DIR}
@@ -26,6 +26,6 @@ if [ ! -f "$work/InternVL2-2B/config.json" ]; then
     "$python" tools/make_tiny_model.py "$work/InternVL2-2B" --like InternVL2-2B --device cuda
 fi
 "$python" tools/benchmark_train.py --model "$work/InternVL2-2B" --device "${DEVICE:-cuda}" --faithful-batch 4 --batch "${BATCH:-4}" \
-    --pictures "${PICTURES:-4}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
+    --pictures "${PICTURES:-4}" --length-multiple "${LENGTH_MULTIPLE:-8}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
     --json "$out/benchmark_train.json" > "$out/benchmark_train.txt" 2>&1
 grep -E "^\||^warning" "$out/benchmark_train.txt"
