@@ -9,8 +9,8 @@ from .preprocess import IGNORE_INDEX
 COLLATOR_PAD_ID = 0
 # Shared-image sequences are padded to a multiple of this. Their [B, 1, L, L] mask then always has 8-aligned rows,
 # which the fused attention kernels need: torch.compile otherwise builds a second graph of every LLM block for
-# unaligned lengths (a copy of the mask per layer), and compiling it when such a batch first appears, mid-run,
-# stalls training for tens of seconds (H100, 2026-11-28).
+# unaligned lengths, and compiling it when such a batch first appears, mid-run, stalls training for tens of
+# seconds (H100, 2026-11-28).
 MASK_LENGTH_MULTIPLE = 8
 
 

@@ -3,8 +3,8 @@ fused with the norm that follows it, rotary embedding, SiLU x gate and the ViT's
 
 In eager PyTorch, RMSNorm is six kernels over fp32 copies of the activations, rotary five over q and k, SiLU x
 gate two and the layer-scaled residual two: memory-bound passes that, on a batched prefill of a quarter of a
-million tokens, add up to seconds (docs/PERFORMANCE.md has the measured before/after). Each kernel here reads its inputs once and writes its output once
-and rounds where the reference rounds, so bf16 results are bit-identical to it (tools/benchmark_kernels.py
+million tokens, add up to seconds (docs/PERFORMANCE.md has the measured before/after). Each kernel here reads its
+inputs once and writes its output once and rounds where the reference rounds, so bf16 results are bit-identical to it (tools/benchmark_kernels.py
 prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
 as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then times the up projection;
 the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where a multiply and an add
@@ -43,19 +43,6 @@ def kernels_apply(*tensors: torch.Tensor) -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, x_row_stride, out_row_stride, width, eps,
-                         BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        columns = tl.arange(0, BLOCK)
-        inside = columns < width
-        x = tl.load(x_ptr + row * x_row_stride + columns, mask=inside, other=0.0).to(tl.float32)
-        variance = tl.sum(x * x, axis=0) / width
-        normed = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
-        weight = tl.load(weight_ptr + columns, mask=inside, other=0.0)
-        out = weight.to(tl.float32) * normed.to(tl.float32)
-        tl.store(out_ptr + row * out_row_stride + columns, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
@@ -136,22 +123,10 @@ if triton is not None:
         tl.store(out_ptr + row * width + columns, out.to(dtype), mask=inside)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype) over the last dimension, one pass."""
-    width = x.shape[-1]
-    rows = x.reshape(-1, width)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty((rows.shape[0], width), dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(width)
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), width, eps, BLOCK=block,
-                                       num_warps=min(max(block // 256, 1), 16))
-    return out.view(x.shape)
-
-
 def residual_norm(residual: torch.Tensor, branch: torch.Tensor | None, scale: torch.Tensor | None,
                   weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool):
-    """(residual + branch * scale, norm of that sum) in one pass over the rows; without a branch, norm(residual)."""
+    """(residual + branch * scale, norm of that sum) in one pass over the rows; without a branch, norm(residual):
+    RMSNorm and LayerNorm modules run this too (one norm kernel)."""
     width = residual.shape[-1]
     rows = residual.reshape(-1, width).contiguous()
     out = torch.empty_like(rows)
@@ -231,7 +206,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if kernels_apply(hidden_states, self.weight):
-            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+            return residual_norm(hidden_states, None, None, self.weight, None, self.variance_epsilon, rms=True)[1]
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)

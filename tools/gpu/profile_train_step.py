@@ -25,6 +25,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmark_train import mode_batches, prepare, set_up_mode, train_step  # noqa: E402
 
+from internvl_chat.data.collator import MASK_LENGTH_MULTIPLE  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +39,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4, help="captions per step in per-caption modes")
     parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
-    parser.add_argument("--length-multiple", type=int, default=8, help="shared_image sequences padded to this")
+    parser.add_argument("--length-multiple", type=int, default=MASK_LENGTH_MULTIPLE,
+                        help="shared_image sequences padded to a multiple of this")
     args = parser.parse_args()
     mode = set(args.mode.split("+"))
     options = SimpleNamespace(model=args.model, like=args.like, device="cuda", batch=args.batch,
