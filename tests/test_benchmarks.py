@@ -22,9 +22,10 @@ def test_benchmark_train_measures_every_mode(tmp_path):
         "faithful", "supervised_logits", "no_checkpointing", "no_checkpointing+supervised_logits",
         "shared_image+supervised_logits", "no_checkpointing+shared_image+supervised_logits",
         "compile+no_checkpointing+supervised_logits", "compile+no_checkpointing+shared_image+supervised_logits"]
-    assert all(row["captions_per_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert all(row["captions_per_s"] > 0 and row["repeat_captions_per_s"] > 0 and row["tokens_per_s"] > 0
+               for row in rows)
     faithful = rows[0]["losses"]
-    assert len(faithful) == 3  # steps 2 and 3 start from adapters that earlier steps updated
+    assert len(faithful) == 5  # 1 warm-up, 2 timed, the same 2 again; each starts from the adapters before it
     for row in rows[1:]:
         assert max(abs(a - b) for a, b in zip(row["losses"], faithful)) < 1e-4, row["mode"]  # compiled too
     assert "| faithful |" in result.stdout
