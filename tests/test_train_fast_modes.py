@@ -8,7 +8,7 @@ from internvl_chat.data.collator import concat_pad_data_collator, shared_image_c
 from internvl_chat.data.dataset import build_datasets
 from internvl_chat.data.preprocess import ConversationTokenizer
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention
 from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
 from internvl_chat.synthetic.coco import make_synthetic_coco
 from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
@@ -203,6 +203,24 @@ def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_a
         model.config.llm_config._attn_implementation = "sdpa"
         sdpa_loss = model(**batch, logits_for_labels_only=True).loss
     assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-5)
+
+
+def test_shared_image_sequences_get_an_attention_that_takes_their_mask(setup):
+    """--group_by_image: flash attention (the default where flash-attn imports) cannot take the captions' block
+    mask, so the LLM gets flex attention on a GPU and SDPA on a CPU; a forward that still meets flash attention
+    with the mask stops with a clear error instead of attending across captions."""
+    assert block_mask_attention(None, "cuda") == "flex_attention"
+    assert block_mask_attention("flash_attention_2", "cuda") == "flex_attention"
+    assert block_mask_attention(None, "cpu") == block_mask_attention("flash_attention_2", "cpu") == "sdpa"
+    assert block_mask_attention("eager", "cuda") == "eager" and block_mask_attention("sdpa", "cuda") == "sdpa"
+    model, _, dataset = setup
+    batch = shared_image_batch(dataset)
+    model.config.llm_config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="cannot take the"):
+            model._attention_inputs_for_backend(batch["attention_mask"], batch["position_ids"], torch.float32)
+    finally:
+        model.config.llm_config._attn_implementation = "sdpa"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")

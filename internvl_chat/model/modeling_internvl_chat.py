@@ -46,6 +46,20 @@ def default_attn_implementation() -> str:
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
+BLOCK_MASK_ATTENTION = ("flex_attention", "sdpa", "eager")  # the LLM backends that take a [B, 1, L, L] mask
+
+
+def block_mask_attention(requested: str | None, device_type: str) -> str:
+    """The LLM's attention for shared-image sequences, whose captions each see the prefix and themselves only
+    (a [B, 1, L, L] mask, which flash_attention_2 cannot take). A request that can is kept; otherwise flex
+    attention on a GPU (it skips the blocks the mask leaves empty and builds no cuDNN plan per sequence length;
+    faster than SDPA under the dense mask, docs/PERFORMANCE.md) and SDPA elsewhere (PyTorch has no flex
+    attention backward on the CPU)."""
+    if requested in BLOCK_MASK_ATTENTION:
+        return requested
+    return "flex_attention" if device_type == "cuda" else "sdpa"
+
+
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
     """[N, R, C, D] patch grid -> [N, R*s, C*s, D/s^2] for s = scale_factor (0.5 merges 2x2 patches).
 
@@ -307,6 +321,10 @@ class InternVLChatModel(PreTrainedModel):
         if attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
             return attention_mask, position_ids
         implementation = self.config.llm_config._attn_implementation
+        if implementation not in BLOCK_MASK_ATTENTION:
+            raise ValueError(f"the LLM's attention {implementation!r} cannot take the [B, 1, L, L] mask of shared-image "
+                             f"sequences (--group_by_image); use one of {BLOCK_MASK_ATTENTION} for the LLM "
+                             "(block_mask_attention picks one)")
         if implementation == "flex_attention":
             return block_mask_from_dense(attention_mask), position_ids
         if implementation != "eager":

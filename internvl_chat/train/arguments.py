@@ -30,7 +30,9 @@ class ModelArguments:
     ps_version: str = field(default="v2", metadata={"help": "pixel shuffle version (v2 for InternVL2)"})
     use_fast_tokenizer: bool = field(default=False, metadata={"help": "ignored: InternLM2 has a slow tokenizer only"})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "eager | sdpa | flash_attention_2 (default: flash_attention_2 when flash-attn imports, else sdpa)"})
+        "help": "eager | sdpa | flash_attention_2 (default: flash_attention_2 when flash-attn imports, else sdpa). "
+                "With --group_by_image the LLM runs flex_attention on a GPU and sdpa on a CPU unless eager or sdpa "
+                "is asked for: flash attention takes no block mask"})
 
 
 @dataclass

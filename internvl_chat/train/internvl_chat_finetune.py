@@ -24,7 +24,7 @@ from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN, INTERNVL_ADDED_TOKENS  # noqa: E402
 from internvl_chat.model.loader import check_checkpoint_folder, load_tokenizer  # noqa: E402
-from internvl_chat.model.modeling_internvl_chat import InternVLChatModel  # noqa: E402
+from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention  # noqa: E402
 from internvl_chat.train.arguments import parse_args  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 from internvl_chat.train.trainer import InternVLTrainer, last_complete_checkpoint  # noqa: E402
@@ -101,6 +101,15 @@ def add_new_tokens(model, tokenizer, num_new_tokens: int) -> None:
     output[-num_new_tokens:] = output[:-num_new_tokens].mean(dim=0, keepdim=True)
     model.config.llm_config.vocab_size = len(tokenizer)
     model.language_model.config.vocab_size = len(tokenizer)
+
+
+def use_block_mask_attention(model, requested: str | None, device_type: str) -> None:
+    attention = block_mask_attention(requested, device_type)
+    if requested and requested != attention:
+        logger.warning("--attn_implementation %s cannot take the captions' block mask of --group_by_image: the "
+                       "LLM uses %s (the ViT keeps %s)", requested, attention, requested)
+    model.config.llm_config._attn_implementation = attention
+    logger.info("Shared-image sequences: the LLM's attention is %s", attention)
 
 
 def prepare_for_training(model, model_args) -> None:
@@ -199,6 +208,7 @@ def main(argv: list[str]) -> None:
     if data_args.group_by_image:
         groups, collator = image_groups(dataset), image_grouping_collator
         logger.info("Grouping captions by picture: %d pictures, %d captions", len(groups), len(dataset))
+        use_block_mask_attention(model, model_args.attn_implementation, training_args.device.type)
     elif data_args.group_by_length:
         lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
 
