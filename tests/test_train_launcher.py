@@ -139,8 +139,11 @@ def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
 
 def test_shared_image_mode_trains_through_the_launcher(world):
     run = launch(world, "group_by_image", 1, 3, 3, "--group_by_image", "True", "--supervised_logits_only", "True",
-                 "--group_by_length", "False", "--compile_blocks", "True")
+                 "--group_by_length", "False", "--compile_blocks", "True", "--profile_steps", "2,3")
     log = (run / "training_log.txt").read_text()
+    profile = (run / "profile_steps_2-3.txt").read_text()  # steps after the first, which compiles
+    assert "optimizer steps 2-3" in profile and "ms wall per step over 2 step(s)" in profile
+    assert "aten::mm" in profile and "Profile of steps 2-3 written to" in log
     assert "torch.compile: 4 transformer blocks" in log
     assert "Grouping captions by picture: 8 pictures, 40 captions" in log
     assert "Shared-image sequences: the LLM's attention is sdpa" in log  # flex has no CPU backward

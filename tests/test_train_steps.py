@@ -1,4 +1,5 @@
 """Step counting follows the original: whole gradient-accumulation windows only."""
+import pytest
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainingArguments
 
@@ -42,3 +43,12 @@ def test_explicit_max_steps_is_kept(tmp_path):
     loader = DataLoader(Numbers(1000), batch_size=4)
     assert trainer.set_initial_training_values(trainer.args, loader)[-1] == 7
 
+
+
+def test_profile_steps_reads_a_step_range_and_refuses_others():
+    from internvl_chat.train.profiling import parse_step_range
+
+    assert parse_step_range("20,22") == (20, 22) and parse_step_range("5") == (5, 5)
+    for bad in ("0,2", "3,2", "a,b", "1,2,3", ""):
+        with pytest.raises(ValueError, match="--profile_steps"):
+            parse_step_range(bad)

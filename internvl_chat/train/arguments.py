@@ -71,6 +71,10 @@ class RunArguments:
                 "steps compile, a minute or two)"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"})
+    profile_steps: str | None = field(default=None, metadata={
+        "help": "FIRST,LAST: record these optimizer steps (1-based) with torch.profiler and write wall and kernel "
+                "time per step and the top operators and kernels to OUTPUT_DIR/profile_steps_FIRST-LAST.txt, "
+                "e.g. 20,22 (after torch.compile's first steps)"})
 
 
 # transformers 4.37 names -> transformers 5 names

@@ -27,6 +27,7 @@ from internvl_chat.model.loader import check_checkpoint_folder, load_tokenizer  
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention  # noqa: E402
 from internvl_chat.train.arguments import parse_args  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
+from internvl_chat.train.profiling import StepProfiler, parse_step_range  # noqa: E402
 from internvl_chat.train.trainer import InternVLTrainer, last_complete_checkpoint  # noqa: E402
 
 logger = logging.getLogger("internvl_chat.train")
@@ -166,6 +167,10 @@ def main(argv: list[str]) -> None:
     setup_logging(training_args)
     if not model_args.model_name_or_path or not data_args.meta_path:
         raise SystemExit("--model_name_or_path and --meta_path are required")
+    try:
+        profile_range = parse_step_range(run_args.profile_steps) if run_args.profile_steps else None
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     for unsupported in ("vision_path", "llm_path", "mlp_path"):
         if getattr(model_args, unsupported):
             raise SystemExit(f"--{unsupported} is not supported: start from a complete InternVL2 checkpoint")
@@ -222,6 +227,8 @@ def main(argv: list[str]) -> None:
         data_collator=collator, lengths=lengths, flop_model=flop_model, peak_tflops=peak,
         supervised_logits_only=run_args.supervised_logits_only, image_groups=groups,
     )
+    if profile_range:
+        trainer.add_callback(StepProfiler(*profile_range, training_args.output_dir))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)

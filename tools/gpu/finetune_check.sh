@@ -4,7 +4,9 @@
 #   GPUS=1 STEPS=30 sh tools/gpu/finetune_check.sh OUT_DIR
 #   GPUS=8 NAME=fast_gpus8 sh tools/gpu/finetune_check.sh OUT_DIR --supervised_logits_only True \
 #       --grad_checkpoint False --compile_blocks True --group_by_image True     # the fastest mode
-# Leaves OUT_DIR/<NAME>_training_log.txt and OUT_DIR/<NAME>_trainer_state.json (NAME defaults to gpus<N>).
+#   GPUS=1 NAME=grouped sh tools/gpu/finetune_check.sh OUT_DIR ... --profile_steps 20,22   # where the time goes
+# Leaves OUT_DIR/<NAME>_training_log.txt, OUT_DIR/<NAME>_trainer_state.json and, with --profile_steps,
+# OUT_DIR/<NAME>_profile_steps_FIRST-LAST.txt (NAME defaults to gpus<N>).
 set -eu
 out=${1:?usage: sh tools/gpu/finetune_check.sh OUT_DIR [extra launcher flags]}
 shift
@@ -33,4 +35,7 @@ META_PATH="$work/meta.json" OUTPUT_DIR="$run" \
     --max_steps "$STEPS" --save_strategy no --dataloader_num_workers 8 "$@" || status=$?
 cp "$run/training_log.txt" "$out/${NAME}_training_log.txt"
 [ -f "$run/trainer_state.json" ] && cp "$run/trainer_state.json" "$out/${NAME}_trainer_state.json"
+for profile in "$run"/profile_steps_*.txt; do  # from --profile_steps FIRST,LAST
+    [ -f "$profile" ] && cp "$profile" "$out/${NAME}_$(basename "$profile")"
+done
 exit "${status:-0}"

@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.profiler import profile  # noqa: E402
 
 from benchmark_train import mode_batches, prepare, set_up_mode, train_step  # noqa: E402
 
 from internvl_chat.data.collator import MASK_LENGTH_MULTIPLE  # noqa: E402
+from internvl_chat.train.profiling import profile_summary, profiler_activities  # noqa: E402
 
 
 def main() -> None:
@@ -56,19 +57,13 @@ def main() -> None:
     first_sight, second_pass = (seconds_per_step(model, timed, optimizer, device, mode) for _ in range(2))
     print(f"{args.mode}: {first_sight * 1e3:.1f} ms a step on first sight of {len(timed)} batches, "
           f"{second_pass * 1e3:.1f} ms on a second pass over them (no profiler)")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=profiler_activities()) as prof:
         start = time.perf_counter()
         for batch in timed:
             train_step(model, batch, optimizer, device, mode)
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / len(timed)
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time_total for e in events) / 1e3 / len(timed)
-    print(f"{args.mode}: {wall * 1e3:.1f} ms wall per step, {busy:.1f} ms of kernels per step, "
-          f"{len(kernels) / len(timed):.0f} kernel launches per step, "
-          f"{torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
+        wall = time.perf_counter() - start
+    print(f"{args.mode}: {profile_summary(prof, len(timed), wall, top=args.top)}")
     sites = synchronizing_lines(model, timed[-1], optimizer, device, mode)
     print(f"{sum(sites.values())} host-GPU synchronizations in one step, by source line:")
     for site, count in sites.most_common():
