@@ -260,3 +260,28 @@ def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
         model(**batch, logits_for_labels_only=True)
     length = batch["input_ids"].shape[1]
     assert calls == [(length, length, False, True)] * model.config.llm_config.num_hidden_layers
+
+
+def test_trainer_takes_its_counts_from_the_loader_not_the_gpu(setup, tmp_path, monkeypatch):
+    """The training collator counts captions, tokens and supervised positions on the CPU; training_step takes
+    those counts out of the batch (the forward never sees them) instead of reading the batch's tensors."""
+    from transformers import TrainingArguments
+
+    from internvl_chat.data.collator import batch_counts
+    from internvl_chat.train import trainer as trainer_module
+
+    model, _, dataset = setup
+    arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = trainer_module.InternVLTrainer(model=copy.deepcopy(model), args=arguments, train_dataset=dataset,
+                                             data_collator=concat_pad_data_collator)
+    batch = trainer.data_collator([dataset[i] for i in (0, 5, 9)])
+    assert batch[trainer_module.COUNTS_KEY] == batch_counts(concat_pad_data_collator([dataset[i] for i in (0, 5, 9)]))
+
+    def no_reads(_):
+        raise AssertionError("training_step read the counts from the batch's tensors")
+
+    monkeypatch.setattr(trainer_module, "batch_counts", no_reads)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    loss = trainer.training_step(trainer.model, batch)
+    assert torch.isfinite(loss) and trainer_module.COUNTS_KEY not in batch
+    assert trainer._window["samples"] == 3 and trainer._window["tokens"] > 0

@@ -44,7 +44,6 @@ def test_explicit_max_steps_is_kept(tmp_path):
     assert trainer.set_initial_training_values(trainer.args, loader)[-1] == 7
 
 
-
 def test_profile_steps_reads_a_step_range_and_refuses_others():
     from internvl_chat.train.profiling import parse_step_range
 

@@ -17,6 +17,21 @@ from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from .flops import FlopModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+COUNTS_KEY = "batch_counts"  # set by CountingCollator, taken out before the forward
+
+
+class CountingCollator:
+    """A collator whose batches also carry their throughput counts, taken on the CPU in the loader. The Trainer
+    hands training_step a batch that is already on the GPU, where reading the counts would make the host wait
+    for the previous micro-step to finish before it can launch the next one."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features) -> dict:
+        batch = self.collate(features)
+        batch[COUNTS_KEY] = batch_counts(batch)
+        return batch
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -46,6 +61,7 @@ class InternVLTrainer(Trainer):
                  peak_tflops: float | None = None, supervised_logits_only: bool = False,
                  image_groups: list[list[int]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.data_collator = CountingCollator(self.data_collator)
         self.image_groups = image_groups
         self.supervised_logits_only = supervised_logits_only
         self.lengths = lengths
@@ -89,7 +105,7 @@ class InternVLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        counts = batch_counts(inputs)
+        counts = inputs.pop(COUNTS_KEY, None) or batch_counts(inputs)
         self._window["samples"] += counts.captions
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
