@@ -29,3 +29,17 @@ def test_benchmark_train_measures_every_mode(tmp_path):
     for row in rows[1:]:
         assert max(abs(a - b) for a, b in zip(row["losses"], faithful)) < 1e-4, row["mode"]  # compiled too
     assert "| faithful |" in result.stdout
+
+
+def test_benchmark_loader_times_every_way_of_loading():
+    result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_loader.py"), "--pictures", "4",
+                             "--batches", "2", "--group-pictures", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = {}
+    for row in result.stdout.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
+            rates[cells[0]] = (float(cells[1]), int(cells[2]))
+    assert rates.keys() == {"per caption", "grouped, item by item", "grouped, once a picture"}
+    assert all(rate > 0 for rate, _ in rates.values())
+    assert rates["per caption"][1] == 8 and rates["grouped, once a picture"][1] == 20  # 2 batches of 4 / 2 x 5

@@ -196,3 +196,42 @@ def test_length_grouped_sampler_keeps_whole_optimizer_steps():
     everything = LengthGroupedSampler(4, 4, lengths, torch.Generator().manual_seed(1), whole_steps=False)
     all_indices = list(everything)
     assert len(all_indices) == 70 and all_indices[:64] == indices
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_grouped_loading_opens_each_picture_once_and_gives_the_same_batches(tokenizer, coco, monkeypatch, augment):
+    """PicturesOnceDataset (the grouped mode's loader): the same collated batches as item-by-item loading, with
+    each picture of a batch opened once instead of once per caption; a picture that cannot be opened falls back
+    to item-by-item loading, which skips it as before."""
+    from internvl_chat.data import dataset as dataset_module
+    from internvl_chat.data.collator import image_grouping_collator
+    from internvl_chat.data.dataset import PicturesOnceDataset, image_groups
+
+    folder, annotation = coco
+    lines = annotation.read_text().splitlines()
+    lines += [line("train2014/missing.jpg", "nothing."), line("train2014/missing.jpg", "nothing at all."),
+              line("train2014/b.jpg", "blue again.")]
+    annotation.write_text("\n".join(lines) + "\n")
+    dataset = build_datasets(write_meta(folder, annotation, data_augment=augment), encoder(tokenizer))
+    opened = []
+    real_open = dataset_module.open_image
+    monkeypatch.setattr(dataset_module, "open_image", lambda path: opened.append(path.name) or real_open(path))
+
+    def batches(source):
+        opened.clear()
+        sampler = ImageGroupedBatchSampler(image_groups(dataset), 3, seed=1)
+        loader = DataLoader(source, batch_sampler=sampler, collate_fn=image_grouping_collator)
+        return list(loader), list(opened)
+
+    plain, plain_opened = batches(dataset)
+    once, once_opened = batches(PicturesOnceDataset(dataset))
+    assert len(plain) == len(once) == 2  # 6 pictures (text-only and the pair count as one each), 3 a batch
+    for a, b in zip(plain, once):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # Item by item: a.jpg for its 2 captions and the pair; b.jpg for its 2 captions, the pair and the 2 captions of
+    # missing.jpg, each skipped to the next line (7, then 8) until b.jpg's second caption.
+    counts = {name: plain_opened.count(name) for name in set(plain_opened)}
+    assert counts == {"a.jpg": 3, "b.jpg": 5, "c.jpg": 1, "missing.jpg": 3}
+    # Once per picture: a.jpg and b.jpg once less; missing.jpg one try more (the group's own) before the fallback.
+    counts = {name: once_opened.count(name) for name in set(once_opened)}
+    assert counts == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 1, "missing.jpg": 4}

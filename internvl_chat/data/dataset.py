@@ -5,6 +5,7 @@ A bad line (unparsable JSON, missing or unreadable image, malformed conversation
 its file and line number; in strict mode it stops the run, otherwise it is skipped (the next line is used
 instead) and counted, so one broken file among half a million does not kill a multi-hour job.
 """
+import bisect
 import json
 import logging
 import random
@@ -133,23 +134,19 @@ class SupervisedDataset(Dataset):
         raise SampleError(f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
                           f"check the file with python -m internvl_chat.data.validate")
 
-    def build(self, index: int) -> dict:
+    def build(self, index: int, pictures: tuple[torch.Tensor, list[int]] | None = None) -> dict:
+        """One sample. `pictures` (pixel values, tiles per image) stand in for loading the item's images: the
+        other captions of a picture whose first caption loaded them."""
         item = self.parse(index)
         conversations = [dict(turn) for turn in item["conversations"]]
         paths = self.image_paths(item)
-        rng = random.Random(self.seed * 1_000_003 + index)  # augmentation independent of worker assignment
         if paths:
             placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations)
             if placeholders == 0:
                 prefix = (f"{IMAGE_PLACEHOLDER}\n" if len(paths) == 1 else
                           "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(paths))))
                 conversations[0]["value"] = prefix + str(conversations[0].get("value", ""))
-            max_num = max(1, self.max_dynamic_patch // len(paths))
-            tiles = [image_to_pixel_values(open_image(path), self.transform, self.dynamic_image_size,
-                                           self.min_dynamic_patch, max_num, self.use_thumbnail, rng)
-                     for path in paths]
-            num_tiles = [len(t) for t in tiles]
-            pixel_values = torch.cat(tiles)
+            pixel_values, num_tiles = pictures if pictures is not None else self.load_pictures(paths, index)
             image_flags = torch.ones(len(pixel_values), dtype=torch.long)
         else:
             dummy = Image.new("RGB", (TEXT_ONLY_IMAGE_SIZE, TEXT_ONLY_IMAGE_SIZE), (255, 255, 255))
@@ -163,6 +160,46 @@ class SupervisedDataset(Dataset):
         return {**sample.as_dict(), "pixel_values": pixel_values, "image_flags": image_flags,
                 "image_key": torch.tensor(image_key, dtype=torch.long)}
 
+    def load_pictures(self, paths: list[Path], index: int) -> tuple[torch.Tensor, list[int]]:
+        """The item's images tiled and transformed: pixel values of all tiles, and the tile count of each image."""
+        rng = random.Random(self.seed * 1_000_003 + index)  # augmentation independent of worker assignment
+        max_num = max(1, self.max_dynamic_patch // len(paths))
+        tiles = [image_to_pixel_values(open_image(path), self.transform, self.dynamic_image_size,
+                                       self.min_dynamic_patch, max_num, self.use_thumbnail, rng)
+                 for path in paths]
+        return torch.cat(tiles), [len(t) for t in tiles]
+
+    def items_loading_each_picture_once(self, indices: list[int]) -> list[dict]:
+        """The items of these indices, where adjacent captions of one picture (as ImageGroupedBatchSampler lays
+        out a batch) open, tile and transform it once, with the first caption's augmentation, and share it. The
+        shared-image collator keeps only the first caption's pixels of a picture, so the batch is the same as from
+        item-by-item loading, without decoding every picture once per caption."""
+        items, run = [], []
+        for index in indices:
+            if run and self.picture_of(index) != self.picture_of(run[0]):
+                items += self.items_of_one_picture(run)
+                run = []
+            run.append(index)
+        return items + (self.items_of_one_picture(run) if run else [])
+
+    def picture_of(self, index: int) -> str:
+        try:
+            image = self.parse(index).get("image")
+        except SampleError:
+            return f"bad:{index}"
+        return json.dumps(image) if image else f"text:{index}"
+
+    def items_of_one_picture(self, indices: list[int]) -> list[dict]:
+        if len(indices) > 1:
+            try:
+                paths = self.image_paths(self.parse(indices[0]))
+                if paths:
+                    pictures = self.load_pictures(paths, indices[0])
+                    return [self.build(index, pictures) for index in indices]
+            except (SampleError, ImageError):
+                pass  # item by item below: it skips (or in strict mode stops at) the bad line and reports it
+        return [self[index] for index in indices]
+
     def image_groups(self) -> list[list[int]]:
         """Indices grouped by image (all captions of one picture together), in first-seen order."""
         groups = defaultdict(list)
@@ -173,6 +210,36 @@ class SupervisedDataset(Dataset):
                 key = f"bad:{index}"
             groups[json.dumps(key)].append(index)
         return list(groups.values())
+
+
+class PicturesOnceDataset(Dataset):
+    """A concatenated dataset read a batch at a time (DataLoader hands a batch sampler's indices to
+    __getitems__): adjacent captions of one picture load it once (items_loading_each_picture_once). For the
+    batches of ImageGroupedBatchSampler, which hold every caption of a few pictures."""
+
+    def __init__(self, dataset: ConcatDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        items, run, run_part = [], [], None
+        for index in indices:  # runs of indices from the same part, in the sampler's order
+            part = bisect.bisect_right(self.dataset.cumulative_sizes, index)
+            if run and part != run_part:
+                items += self._load(run_part, run)
+                run = []
+            run_part = part
+            run.append(index)
+        return items + (self._load(run_part, run) if run else [])
+
+    def _load(self, part: int, indices: list[int]) -> list[dict]:
+        offset = self.dataset.cumulative_sizes[part - 1] if part else 0
+        return self.dataset.datasets[part].items_loading_each_picture_once([index - offset for index in indices])
 
 
 def image_groups(dataset: ConcatDataset) -> list[list[int]]:

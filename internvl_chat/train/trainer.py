@@ -13,6 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from ..data.collator import batch_counts
+from ..data.dataset import PicturesOnceDataset
 from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from .flops import FlopModel
 
@@ -79,14 +80,15 @@ class InternVLTrainer(Trainer):
         return LengthGroupedSampler(self.args.train_batch_size, world, self.lengths, generator)
 
     def get_train_dataloader(self):
-        """With image groups, a micro-batch is per_device_train_batch_size pictures with all their captions;
-        accelerate deals the batches out to the ranks as it does for any other sampler."""
+        """With image groups, a micro-batch is per_device_train_batch_size pictures with all their captions, each
+        picture loaded once; accelerate deals the batches out to the ranks as it does for any other sampler."""
         if self.image_groups is None:
             return super().get_train_dataloader()
         sampler = ImageGroupedBatchSampler(self.image_groups, self.args.per_device_train_batch_size,
                                            seed=self.args.seed)
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        loader = DataLoader(PicturesOnceDataset(self.train_dataset), batch_sampler=sampler,
+                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory,
                             worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
                                                    rank=self.args.process_index))
         return self.accelerator.prepare(loader)
