@@ -65,14 +65,14 @@ def main() -> None:
         dataset = build_datasets(work / "meta.json", encoder, image_size=448, max_dynamic_patch=6)
         groups = image_groups(dataset)
         generator = torch.Generator().manual_seed(0)
-        rows = [
-            ("per caption", DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=generator,
-                                       collate_fn=concat_pad_data_collator)),
-            ("grouped, item by item", DataLoader(dataset, collate_fn=image_grouping_collator,
-                                                 batch_sampler=ImageGroupedBatchSampler(groups, args.group_pictures))),
-            ("grouped, once a picture", DataLoader(PicturesOnceDataset(dataset), collate_fn=image_grouping_collator,
-                                                   batch_sampler=ImageGroupedBatchSampler(groups, args.group_pictures))),
-        ]
+        def grouped(source):
+            return DataLoader(source, collate_fn=image_grouping_collator,
+                              batch_sampler=ImageGroupedBatchSampler(groups, args.group_pictures))
+
+        rows = [("per caption", DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=generator,
+                                           collate_fn=concat_pad_data_collator)),
+                ("grouped, item by item", grouped(dataset)),
+                ("grouped, once a picture", grouped(PicturesOnceDataset(dataset)))]
         print(f"{len(dataset)} captions of {len(groups)} synthetic 640x480 pictures, tokenizer {tokenizer_name}, "
               f"{args.batches} batches a row, one process (one loader worker)")
         print("| loading | captions/s per worker | captions timed |")

@@ -14,6 +14,9 @@ Modes (combine with '+'):
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
   flex               the LLM's attention through flex attention (causal, or the shared-image mask as a BlockMask
                      whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on the CPU
+  sdpa               the LLM's attention through SDPA
+Without flex or sdpa the LLM's attention is the trainer's: flash attention where flash-attn imports, else SDPA;
+for shared_image on a GPU, flex attention (flash attention takes no block mask), as with --group_by_image.
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
@@ -42,12 +45,12 @@ from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.model.modeling_internvl_chat import default_attn_implementation  # noqa: E402
+from internvl_chat.model.modeling_internvl_chat import block_mask_attention, default_attn_implementation  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
-KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile", "flex"}
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile", "flex", "sdpa"}
 
 
 def prepare(args, work: Path):
@@ -111,7 +114,9 @@ def set_up_mode(model, device, mode: set, lr: float):
     """The model switched to a mode (compiled blocks, checkpointing on or off, the LLM's attention) and a fresh
     AdamW on its adapters."""
     llm = model.language_model
-    attention = "flex_attention" if "flex" in mode else default_attn_implementation()
+    requested = "flex_attention" if "flex" in mode else "sdpa" if "sdpa" in mode else None
+    attention = (block_mask_attention(requested, device.type) if "shared_image" in mode
+                 else requested or default_attn_implementation())
     model.config.llm_config._attn_implementation = attention
     if "compile" in mode:
         # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it

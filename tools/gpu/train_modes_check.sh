@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 work=${WORK:-/tmp/train_modes_check}
 per_caption=supervised_logits+no_checkpointing+compile
 grouped=shared_image+$per_caption
-MODES=${MODES:-faithful,$per_caption,flex+$per_caption,$grouped,flex+$grouped}
+MODES=${MODES:-faithful,$per_caption,flex+$per_caption,sdpa+$grouped,$grouped}  # grouped: flex by default
 mkdir -p "$out" "$work"
 
 if ! "$python" -c "import pytest" 2>/dev/null && [ -d .whl ]; then
