@@ -322,9 +322,9 @@ class InternVLChatModel(PreTrainedModel):
             return attention_mask, position_ids
         implementation = self.config.llm_config._attn_implementation
         if implementation not in BLOCK_MASK_ATTENTION:
-            raise ValueError(f"the LLM's attention {implementation!r} cannot take the [B, 1, L, L] mask of shared-image "
-                             f"sequences (--group_by_image); use one of {BLOCK_MASK_ATTENTION} for the LLM "
-                             "(block_mask_attention picks one)")
+            raise ValueError(f"the LLM's attention {implementation!r} cannot take the [B, 1, L, L] mask of "
+                             f"shared-image sequences (--group_by_image); use one of {BLOCK_MASK_ATTENTION} for "
+                             "the LLM (block_mask_attention picks one)")
         if implementation == "flex_attention":
             return block_mask_from_dense(attention_mask), position_ids
         if implementation != "eager":

@@ -107,7 +107,7 @@ class InternVLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        counts = inputs.pop(COUNTS_KEY, None) or batch_counts(inputs)
+        counts = inputs.get(COUNTS_KEY) or batch_counts(inputs)
         self._window["samples"] += counts.captions
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
@@ -117,6 +117,7 @@ class InternVLTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {key: value for key, value in inputs.items() if key != COUNTS_KEY}  # training and evaluation
         if self.supervised_logits_only:
             inputs = {**inputs, "logits_for_labels_only": True}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
