@@ -43,3 +43,9 @@ def test_benchmark_loader_times_every_way_of_loading():
     assert rates.keys() == {"per caption", "grouped, item by item", "grouped, once a picture"}
     assert all(rate > 0 for rate, _ in rates.values())
     assert rates["per caption"][1] == 8 and rates["grouped, once a picture"][1] == 20  # 2 batches of 4 / 2 x 5
+
+
+def test_benchmark_train_refuses_an_uncompiled_mode_after_a_compiled_one(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_train.py"), "--device", "cpu",
+                             "--modes", "supervised_logits+compile,faithful"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "put the compiled modes last" in result.stderr

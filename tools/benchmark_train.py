@@ -248,6 +248,10 @@ def main() -> None:
         unknown = mode - KNOWN_MODES
         if unknown:
             parser.error(f"unknown mode(s) {sorted(unknown)}; known: {sorted(KNOWN_MODES)}")
+    compiled = [index for index, mode in enumerate(modes) if "compile" in mode]
+    if compiled and any("compile" not in mode for mode in modes[compiled[0]:]):
+        parser.error("a mode without compile after a compiled one would still run compiled blocks (compile is not "
+                     "undone): put the compiled modes last")
     with tempfile.TemporaryDirectory() as tmp:
         model, steps, device = prepare(args, Path(tmp))
         flop_model = FlopModel.from_config(model.config, lora_rank=128)
