@@ -11,6 +11,7 @@ import logging
 import random
 import zlib
 from collections import defaultdict
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -174,15 +175,11 @@ class SupervisedDataset(Dataset):
         out a batch) open, tile and transform it once, with the first caption's augmentation, and share it. The
         shared-image collator keeps only the first caption's pixels of a picture, so the batch is the same as from
         item-by-item loading, without decoding every picture once per caption."""
-        items, run = [], []
-        for index in indices:
-            if run and self.picture_of(index) != self.picture_of(run[0]):
-                items += self.items_of_one_picture(run)
-                run = []
-            run.append(index)
-        return items + (self.items_of_one_picture(run) if run else [])
+        runs = groupby(indices, key=self.picture_of)
+        return [item for _, run in runs for item in self.items_of_one_picture(list(run))]
 
     def picture_of(self, index: int) -> str:
+        """Which picture a line shows (its image field); text-only and unreadable lines are pictures of their own."""
         try:
             image = self.parse(index).get("image")
         except SampleError:
@@ -203,12 +200,8 @@ class SupervisedDataset(Dataset):
     def image_groups(self) -> list[list[int]]:
         """Indices grouped by image (all captions of one picture together), in first-seen order."""
         groups = defaultdict(list)
-        for index, (_, raw) in enumerate(self.records):
-            try:
-                key = json.loads(raw).get("image") or f"text:{index}"
-            except json.JSONDecodeError:
-                key = f"bad:{index}"
-            groups[json.dumps(key)].append(index)
+        for index in range(len(self.records)):
+            groups[self.picture_of(index)].append(index)
         return list(groups.values())
 
 
@@ -227,19 +220,12 @@ class PicturesOnceDataset(Dataset):
         return self.dataset[index]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        items, run, run_part = [], [], None
-        for index in indices:  # runs of indices from the same part, in the sampler's order
-            part = bisect.bisect_right(self.dataset.cumulative_sizes, index)
-            if run and part != run_part:
-                items += self._load(run_part, run)
-                run = []
-            run_part = part
-            run.append(index)
-        return items + (self._load(run_part, run) if run else [])
-
-    def _load(self, part: int, indices: list[int]) -> list[dict]:
-        offset = self.dataset.cumulative_sizes[part - 1] if part else 0
-        return self.dataset.datasets[part].items_loading_each_picture_once([index - offset for index in indices])
+        sizes = self.dataset.cumulative_sizes
+        items = []
+        for part, run in groupby(indices, key=lambda index: bisect.bisect_right(sizes, index)):
+            offset = sizes[part - 1] if part else 0
+            items += self.dataset.datasets[part].items_loading_each_picture_once([index - offset for index in run])
+        return items
 
 
 def image_groups(dataset: ConcatDataset) -> list[list[int]]:

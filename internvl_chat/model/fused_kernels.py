@@ -205,7 +205,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if kernels_apply(hidden_states, self.weight):
+        if _norm_kernel_applies(self, hidden_states):
             return residual_norm(hidden_states, None, None, self.weight, None, self.variance_epsilon, rms=True)[1]
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
