@@ -8,7 +8,9 @@ from internvl_chat.data.collator import concat_pad_data_collator, shared_image_c
 from internvl_chat.data.dataset import build_datasets
 from internvl_chat.data.preprocess import ConversationTokenizer
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+from internvl_chat.model import shared_image_attention
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention
+from internvl_chat.model.shared_image_attention import PREFIX_SPLIT_ATTENTION, causal_head_length
 from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
 from internvl_chat.synthetic.coco import make_synthetic_coco
 from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
@@ -207,12 +209,11 @@ def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_a
 
 def test_shared_image_sequences_get_an_attention_that_takes_their_mask(setup):
     """--group_by_image: flash attention (the default where flash-attn imports) cannot take the captions' block
-    mask, so the LLM gets flex attention on a GPU and SDPA on a CPU; a forward that still meets flash attention
-    with the mask stops with a clear error instead of attending across captions."""
-    assert block_mask_attention(None, "cuda") == "flex_attention"
-    assert block_mask_attention("flash_attention_2", "cuda") == "flex_attention"
-    assert block_mask_attention(None, "cpu") == block_mask_attention("flash_attention_2", "cpu") == "sdpa"
-    assert block_mask_attention("eager", "cuda") == "eager" and block_mask_attention("sdpa", "cuda") == "sdpa"
+    mask, so the LLM gets the prefix split unless another attention that can is asked for; a forward that still
+    meets flash attention with the mask stops with a clear error instead of attending across captions."""
+    assert block_mask_attention(None) == block_mask_attention("flash_attention_2") == PREFIX_SPLIT_ATTENTION
+    for requested in ("flex_attention", "sdpa", "eager"):
+        assert block_mask_attention(requested) == requested
     model, _, dataset = setup
     batch = shared_image_batch(dataset)
     model.config.llm_config._attn_implementation = "flash_attention_2"
@@ -223,10 +224,57 @@ def test_shared_image_sequences_get_an_attention_that_takes_their_mask(setup):
         model.config.llm_config._attn_implementation = "sdpa"
 
 
+def test_causal_head_length_finds_the_rows_before_the_second_caption(setup):
+    """Rows up to the end of each sequence's first caption are plain causal; the head is the shortest of those
+    over the batch, rounded down, and every row before it is exactly causal."""
+    _, _, dataset = setup
+    batch = shared_image_batch(dataset)
+    mask = batch["attention_mask"]
+    first_caption_ends = []
+    for positions in batch["position_ids"]:  # the second caption's positions restart after the prompt's
+        first_caption_ends.append(int((positions[1:] <= positions[:-1]).nonzero()[0]) + 1)
+    head = causal_head_length(mask, multiple=1)
+    assert head == min(first_caption_ends) and 0 < head < mask.shape[-1]
+    causal = torch.ones(head, head, dtype=torch.bool).tril()
+    assert torch.equal(mask[:, 0, :head, :head], causal.expand(mask.shape[0], -1, -1))
+    assert not mask[:, 0, :head, head:].any()
+    assert causal_head_length(mask, multiple=8) == head // 8 * 8
+    full = torch.ones(7, 7, dtype=torch.bool).tril()[None, None]
+    assert causal_head_length(full, multiple=2) == 6  # a mask that is causal throughout: all rows, rounded down
+
+
+@pytest.fixture
+def short_split_head(monkeypatch):
+    """The tiny model's sequences are shorter than one 128-row head block: round to 8 rows instead."""
+    monkeypatch.setattr(shared_image_attention, "HEAD_MULTIPLE", 8)
+
+
+def test_prefix_split_trains_like_sdpa_under_the_dense_mask(setup, short_split_head):
+    """The prefix split (causal kernel for the head rows, the mask for the rest) gives the loss and LoRA gradients
+    of SDPA under the whole dense mask (fp32 CPU; the tail runs through SDPA here, flex attention on a GPU)."""
+    model, _, dataset = setup
+    batch = shared_image_batch(dataset)
+    mask = batch["attention_mask"]
+    model.config.llm_config._attn_implementation = PREFIX_SPLIT_ATTENTION
+    try:
+        tail, _ = model._attention_inputs_for_backend(mask, batch["position_ids"], torch.float32)
+        assert torch.equal(tail, mask[:, :, causal_head_length(mask):]) and 0 < tail.shape[2] < mask.shape[2]
+        split_loss, split_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    finally:
+        model.config.llm_config._attn_implementation = "sdpa"
+    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    assert torch.allclose(split_loss, sdpa_loss, rtol=1e-6)
+    for name, grad in sdpa_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-8), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_flex_attention_trains_like_sdpa_on_cuda(setup, compiled):
-    """The shared-image step with flex attention (BlockMask) gives SDPA's loss and LoRA gradients (fp32 GPU)."""
+@pytest.mark.parametrize("attention", ["flex_attention", PREFIX_SPLIT_ATTENTION])
+def test_flex_attention_trains_like_sdpa_on_cuda(setup, short_split_head, compiled, attention):
+    """The shared-image step with flex attention (the whole mask as a BlockMask, or the prefix split's tail rows)
+    gives SDPA's loss and LoRA gradients under the dense mask (fp32 GPU)."""
     model, _, dataset = setup
     model = copy.deepcopy(model).cuda()
     if compiled:
@@ -234,7 +282,7 @@ def test_flex_attention_trains_like_sdpa_on_cuda(setup, compiled):
         model.compile_blocks()
     batch = {key: value.cuda() for key, value in shared_image_batch(dataset).items()}
     sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    model.config.llm_config._attn_implementation = "flex_attention"
+    model.config.llm_config._attn_implementation = attention
     flex_loss, flex_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
     assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-4)
     for name, grad in sdpa_grads.items():

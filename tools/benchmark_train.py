@@ -12,11 +12,13 @@ Modes (combine with '+'):
   no_checkpointing   keep activations instead of recomputing them (--grad_checkpoint False)
   shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
-  flex               the LLM's attention through flex attention (causal, or the shared-image mask as a BlockMask
-                     whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on the CPU
-  sdpa               the LLM's attention through SDPA
+  flex               the LLM's attention through flex attention (causal, or the whole shared-image mask as a
+                     BlockMask whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on
+                     the CPU
+  sdpa               the LLM's attention through SDPA (for shared_image: under the dense mask)
 Without flex or sdpa the LLM's attention is the trainer's: flash attention where flash-attn imports, else SDPA;
-for shared_image on a GPU, flex attention (flash attention takes no block mask), as with --group_by_image.
+for shared_image the prefix split (flash attention takes no block mask), as with --group_by_image: SDPA's causal
+kernel up to the first caption's end, the other captions' rows under the mask (flex attention on a GPU).
 Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
 data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
@@ -115,7 +117,7 @@ def set_up_mode(model, device, mode: set, lr: float):
     AdamW on its adapters."""
     llm = model.language_model
     requested = "flex_attention" if "flex" in mode else "sdpa" if "sdpa" in mode else None
-    attention = (block_mask_attention(requested, device.type) if "shared_image" in mode
+    attention = (block_mask_attention(requested) if "shared_image" in mode
                  else requested or default_attn_implementation())
     model.config.llm_config._attn_implementation = attention
     if "compile" in mode:

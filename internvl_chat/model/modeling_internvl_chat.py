@@ -19,6 +19,7 @@ from .configuration_internvl_chat import InternVLChatConfig
 from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internlm2 import InternLM2ForCausalLM, causal_lm_loss
+from .shared_image_attention import PREFIX_SPLIT_ATTENTION, block_mask_from_dense, split_mask
 
 LLM_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -46,18 +47,14 @@ def default_attn_implementation() -> str:
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
-BLOCK_MASK_ATTENTION = ("flex_attention", "sdpa", "eager")  # the LLM backends that take a [B, 1, L, L] mask
+# The LLM backends that take the [B, 1, L, L] mask of shared-image sequences (flash_attention_2 cannot).
+BLOCK_MASK_ATTENTION = (PREFIX_SPLIT_ATTENTION, "flex_attention", "sdpa", "eager")
 
 
-def block_mask_attention(requested: str | None, device_type: str) -> str:
-    """The LLM's attention for shared-image sequences, whose captions each see the prefix and themselves only
-    (a [B, 1, L, L] mask, which flash_attention_2 cannot take). A request that can is kept; otherwise flex
-    attention on a GPU (it skips the blocks the mask leaves empty and builds no cuDNN plan per sequence length;
-    faster than SDPA under the dense mask, docs/PERFORMANCE.md) and SDPA elsewhere (PyTorch has no flex
-    attention backward on the CPU)."""
-    if requested in BLOCK_MASK_ATTENTION:
-        return requested
-    return "flex_attention" if device_type == "cuda" else "sdpa"
+def block_mask_attention(requested: str | None) -> str:
+    """The LLM's attention for shared-image sequences: a request that can take their mask is kept; otherwise the
+    prefix split (shared_image_attention.py), the fastest of them (docs/PERFORMANCE.md)."""
+    return requested if requested in BLOCK_MASK_ATTENTION else PREFIX_SPLIT_ATTENTION
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
@@ -93,17 +90,6 @@ def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) ->
     last = position_ids.gather(-1, (lengths - 1).clamp(min=0))
     steps = torch.arange(position_ids.shape[-1], device=position_ids.device) - lengths + 1
     return torch.where(keep, position_ids, last + steps)
-
-
-def block_mask_from_dense(mask: torch.Tensor):
-    """A boolean [B, 1, L, L] mask (True: may attend) as flex attention's BlockMask: blocks of 128 x 128 that
-    the mask leaves empty are skipped, full ones run without a mask, and only the partly masked ones (the
-    diagonal, the captions' edges) read the dense mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    batch, _, q_length, kv_length = mask.shape
-    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
-                             device=mask.device)
 
 
 class InternVLChatModel(PreTrainedModel):
@@ -312,8 +298,9 @@ class InternVLChatModel(PreTrainedModel):
           SDPA/flash run their unmasked causal kernels. The pads' position ids are continued, or transformers
           would take them for the start of a packed sequence and build a dense mask after all.
         - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA as it
-          is; flex attention gets it as a BlockMask, so that it skips the blocks the mask leaves empty; eager
-          attention adds its mask to the scores, so it gets 0 / -inf instead."""
+          is; flex attention gets it as a BlockMask, so that it skips the blocks the mask leaves empty; the prefix
+          split gets the rows after its causal head (a BlockMask on a GPU); eager attention adds its mask to the
+          scores, so it gets 0 / -inf instead."""
         if past_key_values is None and only_right_padding(attention_mask):
             if position_ids is not None:
                 position_ids = positions_through_padding(position_ids, attention_mask.bool().to(position_ids.device))
@@ -325,6 +312,8 @@ class InternVLChatModel(PreTrainedModel):
             raise ValueError(f"the LLM's attention {implementation!r} cannot take the [B, 1, L, L] mask of "
                              f"shared-image sequences (--group_by_image); use one of {BLOCK_MASK_ATTENTION} for "
                              "the LLM (block_mask_attention picks one)")
+        if implementation == PREFIX_SPLIT_ATTENTION:
+            return split_mask(attention_mask, flex_tail=attention_mask.device.type == "cuda"), position_ids
         if implementation == "flex_attention":
             return block_mask_from_dense(attention_mask), position_ids
         if implementation != "eager":

@@ -31,8 +31,9 @@ class ModelArguments:
     use_fast_tokenizer: bool = field(default=False, metadata={"help": "ignored: InternLM2 has a slow tokenizer only"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "eager | sdpa | flash_attention_2 (default: flash_attention_2 when flash-attn imports, else sdpa). "
-                "With --group_by_image the LLM runs flex_attention on a GPU and sdpa on a CPU unless eager or sdpa "
-                "is asked for: flash attention takes no block mask"})
+                "With --group_by_image the LLM runs prefix_split (the rows up to the first caption's end through "
+                "SDPA's causal kernel, the other captions' rows through flex_attention on a GPU, sdpa on a CPU) "
+                "unless flex_attention, sdpa or eager is asked for: flash attention takes no block mask"})
 
 
 @dataclass

@@ -104,8 +104,8 @@ def add_new_tokens(model, tokenizer, num_new_tokens: int) -> None:
     model.language_model.config.vocab_size = len(tokenizer)
 
 
-def use_block_mask_attention(model, requested: str | None, device_type: str) -> None:
-    attention = block_mask_attention(requested, device_type)
+def use_block_mask_attention(model, requested: str | None) -> None:
+    attention = block_mask_attention(requested)
     if requested and requested != attention:
         logger.warning("--attn_implementation %s cannot take the captions' block mask of --group_by_image: the "
                        "LLM uses %s (the ViT keeps %s)", requested, attention, requested)
@@ -213,7 +213,7 @@ def main(argv: list[str]) -> None:
     if data_args.group_by_image:
         groups, collator = image_groups(dataset), image_grouping_collator
         logger.info("Grouping captions by picture: %d pictures, %d captions", len(groups), len(dataset))
-        use_block_mask_attention(model, model_args.attn_implementation, training_args.device.type)
+        use_block_mask_attention(model, model_args.attn_implementation)
     elif data_args.group_by_length:
         lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
 

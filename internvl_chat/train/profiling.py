@@ -3,6 +3,7 @@ the summary that tools/gpu/profile_train_step.py prints for the benchmark's step
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,6 +37,41 @@ def profile_summary(prof, steps: int, wall_seconds: float, top: int = 40) -> str
                      f"per step, {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
     sort_by = "cuda_time_total" if device_events else "cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90))
+    if device_events:
+        def spans(events):
+            return [Span(e.time_range.start, e.time_range.end, e.name) for e in events]
+
+        host_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+        lines.append(idle_report(spans(device_events), spans(host_events), steps))
+    return "\n".join(lines)
+
+
+class Span(NamedTuple):
+    start: float  # microseconds
+    end: float
+    name: str
+
+
+def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int = 12,
+                min_gap_us: float = 200.0) -> str:
+    """Where the GPU waits: the gaps between kernels (overlapping kernels merged), the longest with the kernels on
+    either side and the host operators that overlap it most (what the host was busy with meanwhile)."""
+    kernels = sorted(kernels)
+    gaps, busy_until, previous = [], None, None
+    for kernel in kernels:
+        if busy_until is not None and kernel.start - busy_until >= min_gap_us:
+            gaps.append((kernel.start - busy_until, busy_until, previous, kernel.name))
+        if busy_until is None or kernel.end > busy_until:
+            busy_until, previous = kernel.end, kernel.name
+    total_ms = sum(gap[0] for gap in gaps) / 1e3
+    lines = [f"GPU idle in gaps of {min_gap_us / 1e3:.1f} ms or more: {total_ms / steps:.1f} ms per step "
+             f"({len(gaps) / steps:.0f} gaps per step); the longest:"]
+    for length, start, before, after in sorted(gaps, reverse=True)[:top]:
+        end = start + length
+        overlapping = sorted((op for op in host_ops if op.start < end and op.end > start),
+                             key=lambda op: min(op.end, end) - max(op.start, start), reverse=True)
+        host = ", ".join(list(dict.fromkeys(op.name for op in overlapping))[:4]) or "-"
+        lines.append(f"  {length / 1e3:7.2f} ms after {before[:60]} before {after[:60]}; host: {host[:200]}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,74 @@
+"""The LLM's attention for shared-image sequences (--group_by_image): one picture's prompt and image tokens once,
+then its captions, each caption seeing the prompt and itself only, under a boolean [B, 1, L, L] mask.
+
+Up to the end of the first caption every row of that mask is plain causal, in every sequence of the batch: about
+95% of the queries and of the attention work in COCO's shape. `prefix_split_attention` runs those head rows
+through SDPA's causal kernel (cuDNN on Hopper, which runs well above flex attention's rate there,
+docs/PERFORMANCE.md) and only the remaining tail rows under the mask: flex attention with a BlockMask on a GPU,
+SDPA with the dense rows elsewhere (PyTorch has no flex attention backward on the CPU).
+
+The attention function gets the tail rows' mask only, [B, 1, L - head, L]: the head length is the difference
+of the query and mask lengths, so nothing else has to travel through transformers' decoder layers.
+"""
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PREFIX_SPLIT_ATTENTION = "prefix_split"
+# The head is rounded down to whole 128-row blocks (flex attention's block size): the tail then starts on a block
+# edge, and batches of one tile count share a few head lengths, so cuDNN builds few execution plans.
+HEAD_MULTIPLE = 128
+
+
+def causal_head_length(mask: torch.Tensor, multiple: int | None = None) -> int:
+    """How many leading query rows of a boolean [B, 1, L, L] mask (True: may attend) are plain causal in every
+    sequence of the batch, rounded down to a multiple of `multiple` (HEAD_MULTIPLE by default). One host wait."""
+    multiple = HEAD_MULTIPLE if multiple is None else multiple
+    length = mask.shape[-1]
+    rows = torch.arange(length, device=mask.device)
+    causal = rows[None, :] <= rows[:, None]
+    differs = (mask[:, 0] != causal).any(dim=-1).any(dim=0)  # [L]: a row that is not plain causal somewhere
+    first = int(torch.where(differs, rows, length).min())
+    return first // multiple * multiple
+
+
+def block_mask_from_dense(mask: torch.Tensor):
+    """A boolean [B, 1, Q, KV] mask as flex attention's BlockMask: blocks of 128 x 128 that the mask leaves empty
+    are skipped, full ones run without a mask, and only the partly masked ones read the dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, q_length, kv_length = mask.shape
+    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
+                             device=mask.device)
+
+
+def split_mask(mask: torch.Tensor, flex_tail: bool):
+    """The mask `prefix_split_attention` takes: the rows after the causal head, as a BlockMask for flex attention
+    or as they are for SDPA."""
+    tail = mask[:, :, causal_head_length(mask):]
+    return block_mask_from_dense(tail) if flex_tail else tail
+
+
+def prefix_split_attention(module, query, key, value, attention_mask, **kwargs):
+    """query [B, H, L, D], key and value [B, H_kv, L, D]; attention_mask: the tail rows' mask (split_mask), or
+    None for plain causal attention. Returns ([B, L, H, D], None), as transformers' attention functions do."""
+    if attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tail_attention = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
+    head = query.shape[2] - attention_mask.shape[-2]
+    if head == 0:
+        return tail_attention(module, query, key, value, attention_mask, **kwargs)
+    head_out, _ = sdpa_attention_forward(module, query[:, :, :head], key[:, :, :head], value[:, :, :head], None,
+                                         **kwargs)
+    tail_out, _ = tail_attention(module, query[:, :, head:], key, value, attention_mask, **kwargs)
+    return torch.cat([head_out, tail_out], dim=1), None
+
+
+AttentionInterface.register(PREFIX_SPLIT_ATTENTION, prefix_split_attention)
+# Without a 4D mask (e.g. evaluation batches) transformers builds the LLM's mask for the configured attention:
+# SDPA's, which is None for plain causal attention.
+AttentionMaskInterface.register(PREFIX_SPLIT_ATTENTION, sdpa_mask)
