@@ -207,6 +207,29 @@ def test_flex_attention_gets_the_shared_image_mask_as_a_block_mask(setup, flex_a
     assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-5)
 
 
+@pytest.mark.parametrize("first_row", [0, 40])
+def test_block_mask_from_dense_lists_the_blocks_create_block_mask_lists(setup, first_row):
+    """The BlockMask built by reductions over the dense mask has create_block_mask's partial and full blocks (the
+    whole mask, and the rows of a prefix split's tail)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from internvl_chat.model.shared_image_attention import block_mask_from_dense
+
+    mask = shared_image_batch(setup[2])["attention_mask"][:, :, first_row:]
+    batch, _, q_length, kv_length = mask.shape
+    reference = create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
+                                  device="cpu", BLOCK_SIZE=16)
+    built = block_mask_from_dense(mask, block=16)
+    assert built.shape == reference.shape and torch.equal(built.to_dense(), reference.to_dense())
+    for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        expected, got = getattr(reference, counts), getattr(built, counts)
+        assert torch.equal(got, expected) and expected.sum() > 0, counts
+        for row, q_block in torch.ones_like(expected[:, 0]).nonzero().tolist():
+            n = int(expected[row, 0, q_block])
+            assert sorted(getattr(built, indices)[row, 0, q_block, :n].tolist()) == \
+                sorted(getattr(reference, indices)[row, 0, q_block, :n].tolist())
+
+
 def test_shared_image_sequences_get_an_attention_that_takes_their_mask(setup):
     """--group_by_image: flash attention (the default where flash-attn imports) cannot take the captions' block
     mask, so the LLM gets the prefix split unless another attention that can is asked for; a forward that still
@@ -310,9 +333,10 @@ def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
     assert calls == [(length, length, False, True)] * model.config.llm_config.num_hidden_layers
 
 
-def test_trainer_takes_its_counts_from_the_loader_not_the_gpu(setup, tmp_path, monkeypatch):
+def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypatch):
     """The training collator counts captions, tokens and supervised positions on the CPU; training_step takes
-    those counts out of the batch (the forward never sees them) instead of reading the batch's tensors."""
+    those counts out of the batch (the forward never sees them) instead of reading the batch's tensors. With
+    --bf16 it also hands over the pixels in bf16."""
     from transformers import TrainingArguments
 
     from internvl_chat.data.collator import batch_counts
@@ -327,6 +351,15 @@ def test_trainer_takes_its_counts_from_the_loader_not_the_gpu(setup, tmp_path, m
 
     def no_reads(_):
         raise AssertionError("training_step read the counts from the batch's tensors")
+
+    assert batch["pixel_values"].dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
+    bf16_arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=True)
+    bf16_trainer = trainer_module.InternVLTrainer(model=copy.deepcopy(model), args=bf16_arguments, train_dataset=dataset,
+                                                  data_collator=concat_pad_data_collator)
+    bf16_batch = bf16_trainer.data_collator([dataset[i] for i in (0, 5, 9)])
+    assert bf16_batch["pixel_values"].dtype == torch.bfloat16  # cast in the loader workers, not on the way over
+    assert torch.equal(bf16_batch["pixel_values"], batch["pixel_values"].to(torch.bfloat16))
+    assert torch.equal(bf16_batch["input_ids"], batch["input_ids"]) and bf16_batch["attention_mask"].dtype == torch.bool
 
     monkeypatch.setattr(trainer_module, "batch_counts", no_reads)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop

@@ -58,10 +58,11 @@ def test_idle_report_finds_the_gpus_waits_and_what_the_host_did_meanwhile():
 
     kernels = [Span(0, 100, "gemm"), Span(50, 400, "attention"), Span(410, 500, "norm"),  # overlap, a 10 us gap
                Span(3500, 3600, "gemm"), Span(4600, 4700, "adam")]  # gaps of 3.0 and 1.0 ms
-    host = [Span(450, 3400, "aten::nonzero"), Span(3700, 3800, "aten::item"), Span(3650, 4500, "Optimizer.step")]
+    host = [Span(450, 3400, "aten::nonzero"), Span(3700, 3800, "aten::item"),
+            Span(3650, 4500, "Optimizer.step", "[]"), Span(3640, 3645, "aten::to", "[[4, 3, 448, 448]]")]
     report = idle_report(kernels, host, steps=2, min_gap_us=200)
     lines = report.splitlines()
     assert lines[0].startswith("GPU idle in gaps of 0.2 ms or more: 2.0 ms per step (1 gaps per step)")
     assert lines[1].split() == ["3.00", "ms", "after", "norm", "before", "gemm;", "host:", "aten::nonzero"]
-    assert "1.00 ms after gemm before adam; host: Optimizer.step, aten::item" in lines[2]
+    assert "1.00 ms after gemm before adam; host: Optimizer.step, aten::item, aten::to[[4, 3, 448, 448]]" in lines[2]
     assert len(lines) == 3

@@ -34,14 +34,30 @@ def causal_head_length(mask: torch.Tensor, multiple: int | None = None) -> int:
     return first // multiple * multiple
 
 
-def block_mask_from_dense(mask: torch.Tensor):
-    """A boolean [B, 1, Q, KV] mask as flex attention's BlockMask: blocks of 128 x 128 that the mask leaves empty
-    are skipped, full ones run without a mask, and only the partly masked ones read the dense mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def block_mask_from_dense(mask: torch.Tensor, block: int = 128):
+    """A boolean [B, 1, Q, KV] mask as flex attention's BlockMask: blocks of block x block that the mask leaves
+    empty are skipped, full ones run without a mask, and only the partly masked ones read the dense mask.
+    The block lists come from reductions over the dense mask, a few kernels; create_block_mask would evaluate a
+    mask function through vmap instead, ~12 ms of host time per batch while the GPU waits (H200 profile,
+    docs/PERFORMANCE.md)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    batch, _, q_length, kv_length = mask.shape
-    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
-                             device=mask.device)
+    batch, heads, q_length, kv_length = mask.shape
+    q_blocks, kv_blocks = -(-q_length // block), -(-kv_length // block)
+    padded = torch.nn.functional.pad(mask, (0, kv_blocks * block - kv_length, 0, q_blocks * block - q_length))
+    tiles = padded.view(batch, heads, q_blocks, block, kv_blocks, block)
+    allowed = tiles.any(dim=5).any(dim=3)
+    full = tiles.all(dim=5).all(dim=3)  # a block cut by the sequence end is partial: its padding is False
+
+    def block_lists(selected):  # per query block: how many kv blocks, and their indices first
+        order = torch.argsort(selected.to(torch.uint8), dim=-1, descending=True, stable=True)
+        return selected.sum(dim=-1, dtype=torch.int32), order.to(torch.int32)
+
+    partial_count, partial_indices = block_lists(allowed & ~full)
+    full_count, full_indices = block_lists(full)
+    return BlockMask.from_kv_blocks(partial_count, partial_indices, full_count, full_indices, BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, q, kv: mask[b, 0, q, kv],
+                                    seq_lengths=(q_length, kv_length))
 
 
 def split_mask(mask: torch.Tensor, flex_tail: bool):

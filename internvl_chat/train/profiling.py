@@ -38,8 +38,10 @@ def profile_summary(prof, steps: int, wall_seconds: float, top: int = 40) -> str
     sort_by = "cuda_time_total" if device_events else "cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90))
     if device_events:
-        def spans(events):
-            return [Span(e.time_range.start, e.time_range.end, e.name) for e in events]
+        def spans(events):  # input shapes where the profiler recorded them (record_shapes=True)
+            return [Span(e.time_range.start, e.time_range.end, e.name,
+                         str([list(s) for s in e.input_shapes if s]) if getattr(e, "input_shapes", None) else "")
+                    for e in events]
 
         host_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
         lines.append(idle_report(spans(device_events), spans(host_events), steps))
@@ -50,6 +52,7 @@ class Span(NamedTuple):
     start: float  # microseconds
     end: float
     name: str
+    shapes: str = ""
 
 
 def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int = 12,
@@ -70,8 +73,9 @@ def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int 
         end = start + length
         overlapping = sorted((op for op in host_ops if op.start < end and op.end > start),
                              key=lambda op: min(op.end, end) - max(op.start, start), reverse=True)
-        host = ", ".join(list(dict.fromkeys(op.name for op in overlapping))[:4]) or "-"
-        lines.append(f"  {length / 1e3:7.2f} ms after {before[:60]} before {after[:60]}; host: {host[:200]}")
+        names = dict.fromkeys(op.name + (op.shapes[:80] if op.shapes not in ("", "[]") else "") for op in overlapping)
+        host = ", ".join(list(names)[:4]) or "-"
+        lines.append(f"  {length / 1e3:7.2f} ms after {before[:60]} before {after[:60]}; host: {host[:300]}")
     return "\n".join(lines)
 
 
@@ -91,7 +95,7 @@ class StepProfiler(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.first and state.is_world_process_zero:
             synchronize()
-            self._profiler = profile(activities=profiler_activities())
+            self._profiler = profile(activities=profiler_activities(), record_shapes=True)
             self._profiler.__enter__()
             self._start = time.perf_counter()
 

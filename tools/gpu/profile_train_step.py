@@ -57,7 +57,7 @@ def main() -> None:
     first_sight, second_pass = (seconds_per_step(model, timed, optimizer, device, mode) for _ in range(2))
     print(f"{args.mode}: {first_sight * 1e3:.1f} ms a step on first sight of {len(timed)} batches, "
           f"{second_pass * 1e3:.1f} ms on a second pass over them (no profiler)")
-    with profile(activities=profiler_activities()) as prof:
+    with profile(activities=profiler_activities(), record_shapes=True) as prof:
         start = time.perf_counter()
         for batch in timed:
             train_step(model, batch, optimizer, device, mode)
