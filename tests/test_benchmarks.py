@@ -49,3 +49,15 @@ def test_benchmark_train_refuses_an_uncompiled_mode_after_a_compiled_one(tmp_pat
     result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_train.py"), "--device", "cpu",
                              "--modes", "supervised_logits+compile,faithful"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "put the compiled modes last" in result.stderr
+
+
+def test_benchmark_block_mask_times_both_builders_on_every_mask():
+    result = subprocess.run([sys.executable, str(REPO / "tools/benchmark_block_mask.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "ms |" not in line]
+    assert [row[0].strip() for row in rows] == [
+        "[4, 1, 256, 256], causal", "COCO shared image, whole [4, 1, 1904, 1904]",
+        "COCO shared image, the prefix split's tail rows"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])

@@ -354,12 +354,13 @@ def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypa
 
     assert batch["pixel_values"].dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
     bf16_arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=True)
-    bf16_trainer = trainer_module.InternVLTrainer(model=copy.deepcopy(model), args=bf16_arguments, train_dataset=dataset,
-                                                  data_collator=concat_pad_data_collator)
+    bf16_trainer = trainer_module.InternVLTrainer(model=copy.deepcopy(model), args=bf16_arguments,
+                                                  train_dataset=dataset, data_collator=concat_pad_data_collator)
     bf16_batch = bf16_trainer.data_collator([dataset[i] for i in (0, 5, 9)])
     assert bf16_batch["pixel_values"].dtype == torch.bfloat16  # cast in the loader workers, not on the way over
     assert torch.equal(bf16_batch["pixel_values"], batch["pixel_values"].to(torch.bfloat16))
-    assert torch.equal(bf16_batch["input_ids"], batch["input_ids"]) and bf16_batch["attention_mask"].dtype == torch.bool
+    assert torch.equal(bf16_batch["input_ids"], batch["input_ids"])
+    assert bf16_batch["attention_mask"].dtype == torch.bool
 
     monkeypatch.setattr(trainer_module, "batch_counts", no_reads)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop

@@ -29,13 +29,18 @@ if [ ! -f "$work/meta.json" ]; then
 fi
 run="$work/run_$NAME"
 rm -rf "$run"
+keep_logs() {  # also when stopped (e.g. by `timeout`): the log so far is what tells why
+    [ -f "$run/training_log.txt" ] && cp "$run/training_log.txt" "$out/${NAME}_training_log.txt"
+    [ -f "$run/trainer_state.json" ] && cp "$run/trainer_state.json" "$out/${NAME}_trainer_state.json"
+    for profile in "$run"/profile_steps_*.txt; do  # from --profile_steps FIRST,LAST
+        [ -f "$profile" ] && cp "$profile" "$out/${NAME}_$(basename "$profile")"
+    done
+    return 0
+}
+trap 'keep_logs; exit 143' TERM INT
 GPUS=$GPUS BATCH_SIZE=$BATCH_SIZE PER_DEVICE_BATCH_SIZE=$PER_DEVICE_BATCH_SIZE MODEL="$work/InternVL2-2B" \
 META_PATH="$work/meta.json" OUTPUT_DIR="$run" \
     sh shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh \
     --max_steps "$STEPS" --save_strategy no --dataloader_num_workers 8 "$@" || status=$?
-cp "$run/training_log.txt" "$out/${NAME}_training_log.txt"
-[ -f "$run/trainer_state.json" ] && cp "$run/trainer_state.json" "$out/${NAME}_trainer_state.json"
-for profile in "$run"/profile_steps_*.txt; do  # from --profile_steps FIRST,LAST
-    [ -f "$profile" ] && cp "$profile" "$out/${NAME}_$(basename "$profile")"
-done
+keep_logs
 exit "${status:-0}"
