@@ -292,6 +292,33 @@ def test_prefix_split_trains_like_sdpa_under_the_dense_mask(setup, short_split_h
         assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-8), name
 
 
+@pytest.mark.parametrize("llm", ["qwen2", "phi3", "llama"])
+def test_prefix_split_serves_the_other_sizes_llms(setup, short_split_head, llm):
+    """The split is an entry of transformers' attention table, so the LLMs of the other InternVL2 sizes (Qwen2,
+    Phi-3, Llama, through transformers' own model classes) take it too: same loss and gradients as SDPA."""
+    _, _, dataset = setup
+    reference = setup[0]
+    torch.manual_seed(0)
+    config = InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=reference.config.llm_config.vocab_size,
+                                                   image_size=224))
+    model = InternVLChatModel(config)
+    model.img_context_token_id = reference.img_context_token_id
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    batch = shared_image_batch(dataset)
+    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    model.config.llm_config._attn_implementation = PREFIX_SPLIT_ATTENTION
+    split_loss, split_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    assert torch.allclose(split_loss, sdpa_loss, rtol=1e-6)
+    for name, grad in sdpa_grads.items():
+        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-8), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("attention", ["flex_attention", PREFIX_SPLIT_ATTENTION])

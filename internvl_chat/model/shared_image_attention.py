@@ -37,9 +37,9 @@ def causal_head_length(mask: torch.Tensor, multiple: int | None = None) -> int:
 def block_mask_from_dense(mask: torch.Tensor, block: int = 128):
     """A boolean [B, 1, Q, KV] mask as flex attention's BlockMask: blocks of block x block that the mask leaves
     empty are skipped, full ones run without a mask, and only the partly masked ones read the dense mask.
-    The block lists come from reductions over the dense mask, a few kernels; create_block_mask would evaluate a
-    mask function through vmap instead, ~12 ms of host time per batch while the GPU waits (H200 profile,
-    docs/PERFORMANCE.md)."""
+    The block lists come from reductions over the dense mask; create_block_mask evaluates a mask function
+    through vmap instead, several times the host time (tools/benchmark_block_mask.py), and the GPU waits for it:
+    12 ms in the launcher's H200 profile (docs/PERFORMANCE.md)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     batch, heads, q_length, kv_length = mask.shape
