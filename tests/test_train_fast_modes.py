@@ -16,14 +16,10 @@ from internvl_chat.synthetic.coco import make_synthetic_coco
 from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast")
-    tokenizer = build_tiny_tokenizer(root / "tok", tokenizer_corpus())
-    make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
+def tiny_lora_model(vocab_size: int, img_context_token_id: int, llm: str = "internlm2") -> InternVLChatModel:
     torch.manual_seed(0)
-    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=len(tokenizer), image_size=224)))
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=vocab_size, image_size=224)))
+    model.img_context_token_id = img_context_token_id
     for parameter in model.parameters():
         parameter.requires_grad = False
     model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
@@ -31,6 +27,15 @@ def setup(tmp_path_factory):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.02)  # as after some training: B != 0, so A gets gradients too
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    tokenizer = build_tiny_tokenizer(root / "tok", tokenizer_corpus())
+    make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
+    model = tiny_lora_model(len(tokenizer), tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
     encoder = ConversationTokenizer(tokenizer, "internlm2-chat", model.num_image_token, 4096)
     dataset = build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
     batch = concat_pad_data_collator([dataset[i] for i in (0, 5, 9)])  # different captions, padded
@@ -272,6 +277,21 @@ def short_split_head(monkeypatch):
     monkeypatch.setattr(shared_image_attention, "HEAD_MULTIPLE", 8)
 
 
+def assert_trains_like_sdpa(model, batch, attention: str, loss_rtol: float = 1e-6, rtol: float = 1e-4,
+                            atol: float = 1e-8):
+    """The shared-image step's loss and every LoRA gradient under `attention` equal SDPA's under the dense mask."""
+    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    model.config.llm_config._attn_implementation = attention
+    try:
+        loss, grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    finally:
+        model.config.llm_config._attn_implementation = "sdpa"
+    assert torch.allclose(loss, sdpa_loss, rtol=loss_rtol)
+    for name, grad in sdpa_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grads[name], grad, rtol=rtol, atol=atol), name
+
+
 def test_prefix_split_trains_like_sdpa_under_the_dense_mask(setup, short_split_head):
     """The prefix split (causal kernel for the head rows, the mask for the rest) gives the loss and LoRA gradients
     of SDPA under the whole dense mask (fp32 CPU; the tail runs through SDPA here, flex attention on a GPU)."""
@@ -281,42 +301,19 @@ def test_prefix_split_trains_like_sdpa_under_the_dense_mask(setup, short_split_h
     model.config.llm_config._attn_implementation = PREFIX_SPLIT_ATTENTION
     try:
         tail, _ = model._attention_inputs_for_backend(mask, batch["position_ids"], torch.float32)
-        assert torch.equal(tail, mask[:, :, causal_head_length(mask):]) and 0 < tail.shape[2] < mask.shape[2]
-        split_loss, split_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
     finally:
         model.config.llm_config._attn_implementation = "sdpa"
-    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    assert torch.allclose(split_loss, sdpa_loss, rtol=1e-6)
-    for name, grad in sdpa_grads.items():
-        assert grad.abs().sum() > 0, name
-        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    assert torch.equal(tail, mask[:, :, causal_head_length(mask):]) and 0 < tail.shape[2] < mask.shape[2]
+    assert_trains_like_sdpa(model, batch, PREFIX_SPLIT_ATTENTION)
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "phi3", "llama"])
 def test_prefix_split_serves_the_other_sizes_llms(setup, short_split_head, llm):
     """The split is an entry of transformers' attention table, so the LLMs of the other InternVL2 sizes (Qwen2,
     Phi-3, Llama, through transformers' own model classes) take it too: same loss and gradients as SDPA."""
-    _, _, dataset = setup
-    reference = setup[0]
-    torch.manual_seed(0)
-    config = InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=reference.config.llm_config.vocab_size,
-                                                   image_size=224))
-    model = InternVLChatModel(config)
-    model.img_context_token_id = reference.img_context_token_id
-    for parameter in model.parameters():
-        parameter.requires_grad = False
-    model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.02)
-    batch = shared_image_batch(dataset)
-    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    model.config.llm_config._attn_implementation = PREFIX_SPLIT_ATTENTION
-    split_loss, split_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    assert torch.allclose(split_loss, sdpa_loss, rtol=1e-6)
-    for name, grad in sdpa_grads.items():
-        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    reference, _, dataset = setup
+    model = tiny_lora_model(reference.config.llm_config.vocab_size, reference.img_context_token_id, llm)
+    assert_trains_like_sdpa(model, shared_image_batch(dataset), PREFIX_SPLIT_ATTENTION)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")
@@ -331,12 +328,7 @@ def test_flex_attention_trains_like_sdpa_on_cuda(setup, short_split_head, compil
         torch._dynamo.reset()
         model.compile_blocks()
     batch = {key: value.cuda() for key, value in shared_image_batch(dataset).items()}
-    sdpa_loss, sdpa_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    model.config.llm_config._attn_implementation = attention
-    flex_loss, flex_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
-    assert torch.allclose(flex_loss, sdpa_loss, rtol=1e-4)
-    for name, grad in sdpa_grads.items():
-        assert torch.allclose(flex_grads[name], grad, rtol=1e-3, atol=1e-6), name
+    assert_trains_like_sdpa(model, batch, attention, loss_rtol=1e-4, rtol=1e-3, atol=1e-6)  # GPU kernels
 
 
 def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
