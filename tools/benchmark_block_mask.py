@@ -17,21 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from internvl_chat.data.collator import shared_image_mask  # noqa: E402
 from internvl_chat.model.shared_image_attention import block_mask_from_dense, causal_head_length  # noqa: E402
 
 
-def shared_image_mask(pictures: int, prompt: int, captions: list[int], length: int, device) -> torch.Tensor:
-    mask = torch.zeros(pictures, 1, length, length, dtype=torch.bool)
-    for row in range(pictures):
-        mask[row, 0, :prompt, :prompt] = torch.ones(prompt, prompt, dtype=torch.bool).tril()
-        start = prompt
-        for size in captions:
-            mask[row, 0, start:start + size, :prompt] = True
-            mask[row, 0, start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
-            start += size
-        padding = torch.arange(start, length)
-        mask[row, 0, padding, padding] = True
-    return mask.to(device)
+def coco_mask(pictures: int, prompt: int, captions: list[int], length: int, device) -> torch.Tensor:
+    ends = [prompt + sum(captions[: i + 1]) for i in range(len(captions))]
+    spans = list(zip([prompt] + ends[:-1], ends))
+    return shared_image_mask(length, prompt, spans).expand(pictures, 1, length, length).contiguous().to(device)
 
 
 def median_ms(build, mask, device) -> float:
@@ -59,7 +52,7 @@ def main() -> None:
         return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], batch, None, q_length, kv_length,
                                  device=mask.device)
 
-    coco = shared_image_mask(4, 1830, [14, 15, 13, 15], 1904, device)
+    coco = coco_mask(4, 1830, [14, 15, 13, 15], 1904, device)
     cases = {"[4, 1, 256, 256], causal": torch.ones(4, 1, 256, 256, dtype=torch.bool, device=device).tril(),
              "COCO shared image, whole [4, 1, 1904, 1904]": coco,
              "COCO shared image, the prefix split's tail rows": coco[:, :, causal_head_length(coco):]}

@@ -87,14 +87,23 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
         input_ids[row, : len(sequence)] = sequence
         label_rows[row, : len(label)] = label
         position_ids[row, : len(position)] = position
-        mask[row, 0, :prefix_length, :prefix_length] = torch.ones(prefix_length, prefix_length).tril().bool()
-        for start, end in segment_spans:
-            mask[row, 0, start:end, :prefix_length] = True
-            mask[row, 0, start:end, start:end] = torch.ones(end - start, end - start).tril().bool()
-        padding = torch.arange(len(sequence), longest)
-        mask[row, 0, padding, padding] = True  # padding attends to itself only: no empty softmax rows
+        mask[row, 0] = shared_image_mask(longest, prefix_length, segment_spans)
     return {"input_ids": input_ids, "labels": label_rows, "attention_mask": mask, "position_ids": position_ids,
             "pixel_values": torch.cat(pixel_values), "image_flags": torch.cat(image_flags)}
+
+
+def shared_image_mask(length: int, prefix_length: int, segment_spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[length, length] boolean mask of one shared-image sequence (True: may attend): the prefix causal, each
+    segment [start, end) sees the prefix and itself causally, and padding after the last segment itself only
+    (no empty softmax rows)."""
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[:prefix_length, :prefix_length] = torch.ones(prefix_length, prefix_length, dtype=torch.bool).tril()
+    for start, end in segment_spans:
+        mask[start:end, :prefix_length] = True
+        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    padding = torch.arange(segment_spans[-1][1] if segment_spans else prefix_length, length)
+    mask[padding, padding] = True
+    return mask
 
 
 def image_grouping_collator(features: list[dict]) -> dict:

@@ -4,8 +4,8 @@ fused with the norm that follows it, rotary embedding, SiLU x gate and the ViT's
 In eager PyTorch, RMSNorm is six kernels over fp32 copies of the activations, rotary five over q and k, SiLU x
 gate two and the layer-scaled residual two: memory-bound passes that, on a batched prefill of a quarter of a
 million tokens, add up to seconds (docs/PERFORMANCE.md has the measured before/after). Each kernel here reads its
-inputs once and writes its output once and rounds where the reference rounds, so bf16 results are bit-identical to it (tools/benchmark_kernels.py
-prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
+inputs once and writes its output once and rounds where the reference rounds, so bf16 results are bit-identical
+to it (tools/benchmark_kernels.py prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
 as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then times the up projection;
 the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where a multiply and an add
 could otherwise become one FMA). LayerNorm is the exception: PyTorch reduces with Welford's algorithm, the kernel

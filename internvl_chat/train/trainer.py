@@ -26,10 +26,9 @@ class TrainingCollator:
     - the batch's throughput counts, taken on the CPU. The Trainer hands training_step a batch that is already
       on the GPU, where reading them would make the host wait for the previous micro-step to finish;
     - floating tensors (the pixels) in `float_dtype`, the dtype the model is loaded in and computes in (the ViT
-      casts its input to it anyway, so the values are the same). Half the bytes cross to the GPU, and no cast is
-      left to the training process, where a blocking copy that casts converts on the CPU. In the launcher's H200
-      profile the host spent 12-19 ms per micro-batch of 4 pictures in a copy to the device while the GPU
-      waited (docs/PERFORMANCE.md)."""
+      casts its input to it anyway, so the values are the same) and half the bytes to copy to the GPU. In the
+      launcher's H200 profile the host spent 12-19 ms per micro-batch of 4 pictures in a copy to the device
+      while the GPU waited; which copy, and why, is not established yet (docs/PERFORMANCE.md)."""
 
     def __init__(self, collate, float_dtype: torch.dtype | None = None):
         self.collate = collate
@@ -119,7 +118,7 @@ class InternVLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        counts = inputs.get(COUNTS_KEY) or batch_counts(inputs)
+        counts = inputs[COUNTS_KEY]
         self._window["samples"] += counts.captions
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
