@@ -372,6 +372,10 @@ def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypa
         raise AssertionError("training_step read the counts from the batch's tensors")
 
     assert batch["pixel_values"].dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
+    assert "image_flags" not in batch  # every tile a picture's: the forward needs no selection (a host wait)
+    items = [dataset[i] for i in (0, 5)]
+    items[1] = dict(items[1], image_flags=torch.zeros_like(items[1]["image_flags"]))  # as a text-only sample's
+    assert torch.equal(trainer.data_collator(items)["image_flags"], concat_pad_data_collator(items)["image_flags"])
     bf16_arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=True)
     bf16_trainer = trainer_module.InternVLTrainer(model=copy.deepcopy(model), args=bf16_arguments,
                                                   train_dataset=dataset, data_collator=concat_pad_data_collator)
@@ -388,3 +392,126 @@ def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypa
     assert trainer._window["samples"] == 3 and trainer._window["tokens"] > 0
     with torch.no_grad():  # evaluation batches come from the same collator
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+def packed_and_padded(dataset, indices=(0, 5, 9, 12)):
+    from internvl_chat.data.collator import packed_collator
+
+    items = [dataset[i] for i in indices]  # different pictures and captions: the padded batch pads
+    return packed_collator(items), concat_pad_data_collator(items)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_train_like_padded_batches(setup, attn):
+    """--pack_samples: the micro-batch's samples in one row without padding, each attending to itself only, give
+    the padded batch's loss and LoRA gradients (full logits and supervised logits)."""
+    model, _, dataset = setup
+    packed, padded = packed_and_padded(dataset)
+    assert not padded["attention_mask"].all()  # the padded batch really pads
+    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))  # no padding at all
+    assert "attention_mask" not in packed
+    model.config.llm_config._attn_implementation = attn
+    try:
+        reference_loss, reference_grads = loss_and_grads(model, padded)
+        loss, grads = loss_and_grads(model, packed)
+        fast_loss, fast_grads = loss_and_grads(model, packed, logits_for_labels_only=True)
+    finally:
+        model.config.llm_config._attn_implementation = "sdpa"
+    assert torch.allclose(loss, reference_loss, rtol=1e-5) and torch.allclose(fast_loss, reference_loss, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-7), name
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-3, atol=1e-7), name
+
+
+def test_packed_rows_count_like_padded_batches_and_keep_samples_apart(setup):
+    """Throughput and FLOP counts see the same captions, supervised positions and per-sample lengths; no
+    sample's last token is trained to predict the next sample's first, and the mask never crosses samples."""
+    from internvl_chat.data.collator import IGNORE_INDEX, batch_counts
+    from internvl_chat.model.modeling_internvl_chat import packed_causal_mask
+
+    _, _, dataset = setup
+    packed, padded = packed_and_padded(dataset)
+    assert batch_counts(packed) == batch_counts(padded)
+    starts = packed["cu_seq_lens"][:-1].long()
+    assert (packed["labels"][0, starts] == IGNORE_INDEX).all() and (packed["position_ids"][0, starts] == 0).all()
+    assert packed["max_seq_len"] == int(padded["attention_mask"].sum(dim=1).max())
+    length = packed["input_ids"].shape[1]
+    mask = packed_causal_mask(packed["cu_seq_lens"], length)[0, 0]
+    expected = torch.zeros(length, length, dtype=torch.bool)
+    for start, end in zip(packed["cu_seq_lens"][:-1].tolist(), packed["cu_seq_lens"][1:].tolist()):
+        expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    assert torch.equal(mask, expected)
+
+
+@pytest.fixture
+def varlen_spy():
+    """An attention registered under a flash-attention name (flash-attn does not install on the CPU): it records
+    the varlen kwargs it gets and computes each sample's causal attention with SDPA, as flash-attn's varlen
+    kernel would, so the boundaries must reach it through every decoder layer."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        calls.append((attention_mask, kwargs.get("max_length_q"), kwargs.get("max_length_k")))
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+        parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                scale=scaling, enable_gqa=True)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2), None
+
+    AttentionInterface.register("flash_attention_varlen_spy", attention)
+    return calls
+
+
+@pytest.mark.parametrize("llm", ["internlm2", "qwen2", "phi3", "llama"])
+def test_packed_rows_give_flash_attention_the_sample_boundaries(setup, varlen_spy, llm):
+    """Under flash attention a packed row gets no mask: the samples' boundaries reach the varlen kernel as
+    transformers' FlashAttentionKwargs, in our InternLM2 and in transformers' Qwen2, Phi-3 and Llama (the other
+    sizes' LLMs), and the step trains like the padded batch."""
+    reference, _, dataset = setup
+    model = tiny_lora_model(reference.config.llm_config.vocab_size, reference.img_context_token_id, llm)
+    packed, padded = packed_and_padded(dataset)
+    reference_loss, reference_grads = loss_and_grads(model, padded, logits_for_labels_only=True)
+    model.config.llm_config._attn_implementation = "flash_attention_varlen_spy"
+    loss, grads = loss_and_grads(model, packed, logits_for_labels_only=True)
+    layers = model.config.llm_config.num_hidden_layers
+    assert varlen_spy == [(None, packed["max_seq_len"], packed["max_seq_len"])] * layers
+    assert torch.allclose(loss, reference_loss, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-7), name
+
+
+def test_packed_attention_takes_a_request_else_the_fastest_varlen_backend():
+    from internvl_chat.model.modeling_internvl_chat import packed_attention
+
+    for requested in ("flex_attention", "sdpa", "eager", "flash_attention_2"):
+        assert packed_attention(requested, "cuda") == requested
+    assert packed_attention(None, "cpu") == "sdpa"  # flash-attn does not install here
+    assert packed_attention(None, "cuda") == "flex_attention"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention has no backward on the CPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_rows_train_like_padded_batches_with_flex_attention_on_cuda(setup, compiled):
+    """The GPU path of --pack_samples without flash-attn: flex attention with the block-diagonal BlockMask gives
+    the padded batch's loss and LoRA gradients (fp32 GPU; eager and compiled blocks)."""
+    model, _, dataset = setup
+    model = copy.deepcopy(model).cuda()
+    if compiled:
+        torch._dynamo.reset()
+        model.compile_blocks()
+    packed, padded = packed_and_padded(dataset)
+    packed, padded = ({key: value.cuda() if isinstance(value, torch.Tensor) else value
+                       for key, value in batch.items()} for batch in (packed, padded))
+    reference_loss, reference_grads = loss_and_grads(model, padded, logits_for_labels_only=True)
+    model.config.llm_config._attn_implementation = "flex_attention"
+    try:
+        loss, grads = loss_and_grads(model, packed, logits_for_labels_only=True)
+    finally:
+        model.config.llm_config._attn_implementation = "sdpa"
+    assert torch.allclose(loss, reference_loss, rtol=1e-4)
+    for name, grad in reference_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-6), name

@@ -85,10 +85,27 @@ def test_two_processes_train_with_deepspeed_zero1(two_process_run):
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
 
 
-def test_one_process_gives_the_same_loss_curve(world, two_process_run):
-    single = launch(world, "zero1_gpus1", 1, 6, 3)
-    assert "GRADIENT_ACC=4" in (single / "training_log.txt").read_text()
-    assert losses(single) == pytest.approx(losses(two_process_run), rel=2e-4)
+@pytest.fixture(scope="module")
+def one_process_run(world):
+    return launch(world, "zero1_gpus1", 1, 6, 3)
+
+
+def test_one_process_gives_the_same_loss_curve(one_process_run, two_process_run):
+    assert "GRADIENT_ACC=4" in (one_process_run / "training_log.txt").read_text()
+    assert losses(one_process_run) == pytest.approx(losses(two_process_run), rel=2e-4)
+
+
+def test_packed_samples_train_like_padded_batches_through_the_launcher(world, one_process_run):
+    """--pack_samples: the same captions per micro-batch in one row without padding; the loss curve is the padded
+    run's (the sampler and everything else unchanged)."""
+    run = launch(world, "packed", 1, 6, 6, "--pack_samples", "True", "--supervised_logits_only", "True")
+    assert "Packed samples: the LLM's attention is sdpa" in (run / "training_log.txt").read_text()
+    assert losses(run) == pytest.approx(losses(one_process_run), rel=2e-4)
+    root, model = world
+    refused = subprocess.run(["sh", str(LAUNCHER), "--pack_samples", "True", "--group_by_image", "True"], cwd=root,
+                             env=dict(os.environ, GPUS="1", MODEL=str(model), META_PATH=str(root / "meta.json"),
+                                      OUTPUT_DIR=str(root / "refused")), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--pack_samples and --group_by_image" in refused.stdout + refused.stderr
 
 
 def test_zero3_saves_the_trained_adapter(world, two_process_run):

@@ -11,6 +11,8 @@ Modes (combine with '+'):
   supervised_logits  the LM head only where a label is supervised (--supervised_logits_only)
   no_checkpointing   keep activations instead of recomputing them (--grad_checkpoint False)
   shared_image       one sequence per picture with all its captions (--group_by_image); a step is --pictures pictures
+  packed             a step's captions in one sequence without padding (--pack_samples): flash-attn's varlen kernel
+                     where it imports, else flex attention with the block-diagonal mask (SDPA under it on a CPU)
   compile            torch.compile every ViT and LLM block (--compile_blocks); put it last: it is not undone
   flex               the LLM's attention through flex attention (causal, or the whole shared-image mask as a
                      BlockMask whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on
@@ -19,8 +21,10 @@ Modes (combine with '+'):
 Without flex or sdpa the LLM's attention is the trainer's: flash attention where flash-attn imports, else SDPA;
 for shared_image the prefix split (flash attention takes no block mask), as with --group_by_image: SDPA's causal
 kernel up to the first caption's end, the other captions' rows under the mask (flex attention on a GPU).
-Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions) through the real
-data pipeline, prepared once and kept on the device, so the table measures the model and not the loader. The
+Batches are COCO-shaped (synthetic 640x480 pictures: 7 tiles, ~1,850 tokens, ~12-word captions; with --coco-sizes
+COCO's mix of picture shapes, 1 to 7 tiles, so that padded batches pad) through the real data pipeline, captions
+drawn in a seeded random order as the Trainer's sampler would, prepared once and kept on the device, so the table
+measures the model and not the loader. The
 step is forward + backward + AdamW on the LoRA r128 adapters (on a GPU: bf16 weights, fp32 adapters under bf16
 autocast; on a CPU: fp32). Every mode starts from the same adapters.
 
@@ -42,17 +46,19 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
 from internvl_chat.data.collator import (MASK_LENGTH_MULTIPLE, batch_counts, concat_pad_data_collator,  # noqa: E402
-                                         shared_image_collator)
+                                         packed_collator, shared_image_collator)
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.model.modeling_internvl_chat import block_mask_attention, default_attn_implementation  # noqa: E402
+from internvl_chat.model.modeling_internvl_chat import (block_mask_attention,  # noqa: E402
+                                                         default_attn_implementation, packed_attention)
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
-KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "compile", "flex", "sdpa"}
+KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "packed", "compile", "flex",
+               "sdpa"}
 
 
 def prepare(args, work: Path):
@@ -70,8 +76,8 @@ def prepare(args, work: Path):
     model.language_model.config.use_cache = False
     steps = args.steps + args.warmup
     images = max(max(args.batch, args.faithful_batch) * steps // 5 + 1, args.pictures * steps) + 1
-    make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0, image_size=(640, 480),
-                        meta_path=work / "meta.json", force=True)
+    make_synthetic_coco(work / "coco", train_images=images, test_images=1, seed=0,
+                        image_size=None if args.coco_sizes else (640, 480), meta_path=work / "meta.json", force=True)
     encoder = ConversationTokenizer(tokenizer, model.config.template, model.num_image_token, 4096)
     dataset = build_datasets(work / "meta.json", encoder, image_size=model.config.force_image_size,
                              max_dynamic_patch=6)
@@ -81,9 +87,10 @@ def prepare(args, work: Path):
     if args.same_captions:  # per-caption batches of exactly the captions of each shared step
         step_items = [[item for group in step for item in group] for step in step_groups]
         faithful_items = step_items
-    else:
-        step_items = [[dataset[step * args.batch + i] for i in range(args.batch)] for step in range(steps)]
-        faithful_items = [[dataset[step * args.faithful_batch + i] for i in range(args.faithful_batch)]
+    else:  # the jsonl lists a picture's captions one after another; a random sampler mixes pictures
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        step_items = [[dataset[order[step * args.batch + i]] for i in range(args.batch)] for step in range(steps)]
+        faithful_items = [[dataset[order[step * args.faithful_batch + i]] for i in range(args.faithful_batch)]
                           for step in range(steps)]
     return model, {"per_caption": step_items, "faithful": faithful_items, "shared_image": step_groups}, device
 
@@ -95,10 +102,12 @@ def mode_batches(steps: dict, mode: set, device, length_multiple: int = MASK_LEN
         batches = [shared_image_collator(step, length_multiple=length_multiple) for step in steps["shared_image"]]
     elif "faithful" in mode:
         batches = [concat_pad_data_collator(step) for step in steps["faithful"]]
+    elif "packed" in mode:
+        batches = [packed_collator(step) for step in steps["per_caption"]]
     else:
         batches = [concat_pad_data_collator(step) for step in steps["per_caption"]]
-    return [{k: v.to(device) if k != "pixel_values" else v.to(device, dtype) for k, v in batch.items()}
-            for batch in batches]
+    return [{k: v.to(device, dtype) if k == "pixel_values" else v.to(device) if isinstance(v, torch.Tensor) else v
+             for k, v in batch.items()} for batch in batches]
 
 
 def run_mode(model, batches, device, mode: set, warmup: int, flop_model, peak, lr):
@@ -117,8 +126,12 @@ def set_up_mode(model, device, mode: set, lr: float):
     AdamW on its adapters."""
     llm = model.language_model
     requested = "flex_attention" if "flex" in mode else "sdpa" if "sdpa" in mode else None
-    attention = (block_mask_attention(requested) if "shared_image" in mode
-                 else requested or default_attn_implementation())
+    if "shared_image" in mode:
+        attention = block_mask_attention(requested)
+    elif "packed" in mode:
+        attention = packed_attention(requested, device.type)
+    else:
+        attention = requested or default_attn_implementation()
     model.config.llm_config._attn_implementation = attention
     if "compile" in mode:
         # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it
@@ -233,6 +246,7 @@ def main() -> None:
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
                                            "supervised_logits+no_checkpointing,shared_image+supervised_logits,"
                                            "shared_image+supervised_logits+no_checkpointing,"
+                                           "packed+supervised_logits+no_checkpointing,"
                                            "supervised_logits+no_checkpointing+compile,"
                                            "shared_image+supervised_logits+no_checkpointing+compile")
     parser.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate (the tutorial's 4e-5)")
@@ -241,6 +255,8 @@ def main() -> None:
     parser.add_argument("--same-captions", action="store_true",
                         help="per-caption steps take exactly the captions of the shared_image steps "
                              "(--pictures x 5 captions), so every mode sees the same data and loss curves compare")
+    parser.add_argument("--coco-sizes", action="store_true",
+                        help="COCO's mix of picture shapes (1 to 7 tiles) instead of 640x480 only: padded batches pad")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     modes = [set(m.split("+")) for m in args.modes.split(",")]
@@ -250,6 +266,8 @@ def main() -> None:
         unknown = mode - KNOWN_MODES
         if unknown:
             parser.error(f"unknown mode(s) {sorted(unknown)}; known: {sorted(KNOWN_MODES)}")
+        if len(mode & {"faithful", "packed", "shared_image"}) > 1:
+            parser.error(f"{'+'.join(sorted(mode))}: faithful, packed and shared_image batch differently; pick one")
     compiled = [index for index, mode in enumerate(modes) if "compile" in mode]
     if compiled and any("compile" not in mode for mode in modes[compiled[0]:]):
         parser.error("a mode without compile after a compiled one would still run compiled blocks (compile is not "
@@ -272,8 +290,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, {args.model or args.like}, a step: {args.faithful_batch} captions (faithful), {args.batch} "
           f"captions (other per-caption modes), {args.pictures} pictures (shared_image, lengths a multiple of "
-          f"{args.length_multiple}), "
-          f"{args.steps} timed steps per mode")
+          f"{args.length_multiple}), {args.steps} timed steps per mode, "
+          f"{'COCO picture sizes' if args.coco_sizes else '640x480 pictures'}")
     print("| mode | captions/s | same batches again | tokens/s | model TFLOP/s | MFU | peak GB (reserved) "
           "| allocator retries | warm-up s | vs first row (first pass, again) | loss: first, last |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

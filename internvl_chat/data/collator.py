@@ -36,6 +36,30 @@ def concat_pad_data_collator(features: list[dict], pad_id: int = COLLATOR_PAD_ID
     return batch
 
 
+def packed_collator(features: list[dict]) -> dict:
+    """Batch of samples as ONE row without padding: each sample's tokens, labels and positions (restarting at 0)
+    in turn. `cu_seq_lens` (int32, [samples + 1]) holds where each sample starts and where the last ends, and
+    `max_seq_len` the longest sample, so that attention keeps every sample to itself (a varlen kernel, or a
+    block-diagonal causal mask). Each sample's first label is ignored: in the row, the position before it is
+    the previous sample's last token, which must not be trained to predict the next sample (on its own, that
+    label is never a target anyway). No attention_mask: every position is a real token."""
+    lengths = [len(feature["input_ids"]) for feature in features]
+    labels = [feature["labels"].clone() for feature in features]
+    for sample_labels in labels:
+        sample_labels[0] = IGNORE_INDEX
+    cu_seq_lens = torch.zeros(len(features) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.tensor(lengths).cumsum(0)
+    return {
+        "input_ids": torch.cat([feature["input_ids"] for feature in features])[None],
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat([feature["position_ids"] for feature in features])[None],
+        "cu_seq_lens": cu_seq_lens,
+        "max_seq_len": max(lengths),
+        "pixel_values": torch.cat([feature["pixel_values"] for feature in features]),
+        "image_flags": torch.cat([feature["image_flags"] for feature in features]),
+    }
+
+
 def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_ID,
                           length_multiple: int = MASK_LENGTH_MULTIPLE) -> dict:
     """Batch of image groups, each group = the dataset items of one picture (same prompt, different captions).
@@ -120,7 +144,7 @@ def image_grouping_collator(features: list[dict]) -> dict:
 @dataclass(frozen=True)
 class BatchCounts:
     captions: int  # runs of supervised labels: one per row, or several per row with a shared image prefix
-    lengths: list[int]  # real (not padding) tokens per row
+    lengths: list[int]  # real (not padding) tokens per attention sequence: per row, or per sample of a packed row
     supervised: int  # supervised label positions
 
 
@@ -128,6 +152,9 @@ def batch_counts(batch: dict) -> BatchCounts:
     """What a collated batch holds, for throughput and FLOP accounting."""
     labels = batch["labels"]
     supervised = labels != IGNORE_INDEX
-    return BatchCounts(captions=int((supervised[:, 1:] & ~supervised[:, :-1]).sum()),
-                       lengths=(batch["input_ids"] != COLLATOR_PAD_ID).sum(dim=1).tolist(),
+    if "cu_seq_lens" in batch:  # packed: attention runs per sample, not over the whole row
+        lengths = batch["cu_seq_lens"].diff().tolist()
+    else:
+        lengths = (batch["input_ids"] != COLLATOR_PAD_ID).sum(dim=1).tolist()
+    return BatchCounts(captions=int((supervised[:, 1:] & ~supervised[:, :-1]).sum()), lengths=lengths,
                        supervised=int(supervised.sum()))

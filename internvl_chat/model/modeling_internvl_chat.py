@@ -57,6 +57,18 @@ def block_mask_attention(requested: str | None) -> str:
     return requested if requested in BLOCK_MASK_ATTENTION else PREFIX_SPLIT_ATTENTION
 
 
+def packed_attention(requested: str | None, device_type: str) -> str:
+    """The LLM's attention for packed rows (several samples in one sequence, no padding): a request is kept;
+    otherwise flash attention's varlen kernel where flash-attn imports, else flex attention with the samples'
+    block-diagonal mask as a BlockMask on a GPU (empty blocks skipped), and SDPA under that mask on a CPU
+    (PyTorch has no flex attention backward there)."""
+    if requested in ("flash_attention_2", "flex_attention", "sdpa", "eager"):
+        return requested
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "flex_attention" if device_type == "cuda" else "sdpa"
+
+
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
     """[N, R, C, D] patch grid -> [N, R*s, C*s, D/s^2] for s = scale_factor (0.5 merges 2x2 patches).
 
@@ -78,7 +90,16 @@ def only_right_padding(attention_mask: torch.Tensor | None) -> bool:
     if attention_mask is None or attention_mask.dim() != 2:
         return False
     keep = attention_mask.bool()
-    return bool(keep[:, 0].all()) and bool((keep[:, 1:] <= keep[:, :-1]).all())
+    return bool(keep[:, 0].all() & (keep[:, 1:] <= keep[:, :-1]).all())  # one host wait, not two
+
+
+def packed_causal_mask(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean [1, 1, length, length] mask of a packed row (True: may attend): causal within each sample of the
+    boundaries cu_seq_lens ([0, end of sample 1, ..., length]), nothing across samples."""
+    positions = torch.arange(length, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
+    sample = torch.searchsorted(cu_seq_lens[1:], positions, right=True)
+    mask = (sample[:, None] == sample[None, :]) & (positions[None, :] <= positions[:, None])
+    return mask[None, None]
 
 
 def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -254,20 +275,29 @@ class InternVLChatModel(PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_for_labels_only: bool = False,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_seq_len: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """With labels and logits_for_labels_only, the LM head runs only where a label is supervised (about 15 of
         ~1,850 positions of a COCO sample): the same loss and gradients, without the full-vocabulary logits
-        everywhere; `logits` then holds just those rows, [supervised tokens, vocab]."""
+        everywhere; `logits` then holds just those rows, [supervised tokens, vocab].
+        cu_seq_lens and max_seq_len describe a packed row (data.collator.packed_collator): several samples in one
+        sequence, each attending to itself only."""
         past_key_values = kwargs.pop("cache", past_key_values)
         vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
+        attention_kwargs = {}
+        if cu_seq_lens is not None:
+            attention_mask, attention_kwargs = self._packed_attention_inputs(cu_seq_lens, max_seq_len,
+                                                                             inputs_embeds.shape[1])
         attention_mask, position_ids = self._attention_inputs_for_backend(
             attention_mask, position_ids, inputs_embeds.dtype, past_key_values)
         if labels is not None and logits_for_labels_only:
-            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched)
+            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched,
+                                         attention_kwargs)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -276,6 +306,7 @@ class InternVLChatModel(PreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **attention_kwargs,
         )
         logits = outputs.logits
         loss = None
@@ -321,11 +352,20 @@ class InternVLChatModel(PreTrainedModel):
         bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         return bias.masked_fill(~attention_mask, torch.finfo(dtype).min), position_ids
 
-    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, matched):
+    def _packed_attention_inputs(self, cu_seq_lens, max_seq_len, length):
+        """A packed row's attention inputs: flash attention's varlen kernel takes the boundaries themselves
+        (transformers' FlashAttentionKwargs); the other backends get the block-diagonal causal mask, which
+        _attention_inputs_for_backend converts as any 4D mask (a BlockMask for flex attention)."""
+        if self.config.llm_config._attn_implementation.startswith("flash_attention"):
+            return None, {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                          "max_length_q": max_seq_len, "max_length_k": max_seq_len}
+        return packed_causal_mask(cu_seq_lens, length), {}
+
+    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, matched, attention_kwargs):
         llm = self.language_model
         llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a PEFT wrapper keeps its adapters
         hidden = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False, return_dict=True).last_hidden_state
+                           use_cache=False, return_dict=True, **attention_kwargs).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != -100
         logits = llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()

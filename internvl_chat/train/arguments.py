@@ -55,6 +55,10 @@ class DataTrainingArguments:
     group_by_image: bool = field(default=False, metadata={
         "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
                 "caption seeing only the prompt and itself); --per_device_train_batch_size then counts pictures"})
+    pack_samples: bool = field(default=False, metadata={
+        "help": "fast mode: each micro-batch's samples in one sequence without padding, each attending to itself "
+                "only (flash-attn's varlen kernel when it imports, else flex attention on a GPU, SDPA with a "
+                "block-diagonal mask on a CPU); the same captions per step and the same loss as padded batches"})
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})
 
 

@@ -18,13 +18,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from internvl_chat.data.collator import concat_pad_data_collator, image_grouping_collator  # noqa: E402
+from internvl_chat.data.collator import concat_pad_data_collator, image_grouping_collator, packed_collator  # noqa: E402
 from internvl_chat.data.dataset import build_datasets, image_groups  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN, INTERNVL_ADDED_TOKENS  # noqa: E402
 from internvl_chat.model.loader import check_checkpoint_folder, load_tokenizer  # noqa: E402
-from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention  # noqa: E402
+from internvl_chat.model.modeling_internvl_chat import (InternVLChatModel, block_mask_attention,  # noqa: E402
+                                                         packed_attention)
 from internvl_chat.train.arguments import parse_args  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 from internvl_chat.train.profiling import StepProfiler, parse_step_range  # noqa: E402
@@ -113,6 +114,12 @@ def use_block_mask_attention(model, requested: str | None) -> None:
     logger.info("Shared-image sequences: the LLM's attention is %s", attention)
 
 
+def use_packed_attention(model, requested: str | None, device_type: str) -> None:
+    attention = packed_attention(requested, device_type)
+    model.config.llm_config._attn_implementation = attention
+    logger.info("Packed samples: the LLM's attention is %s", attention)
+
+
 def prepare_for_training(model, model_args) -> None:
     model.language_model.config.use_cache = False
     if model_args.grad_checkpoint:
@@ -171,6 +178,8 @@ def main(argv: list[str]) -> None:
         profile_range = parse_step_range(run_args.profile_steps) if run_args.profile_steps else None
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if data_args.pack_samples and data_args.group_by_image:
+        raise SystemExit("--pack_samples and --group_by_image are two ways to batch the same captions: choose one")
     for unsupported in ("vision_path", "llm_path", "mlp_path"):
         if getattr(model_args, unsupported):
             raise SystemExit(f"--{unsupported} is not supported: start from a complete InternVL2 checkpoint")
@@ -214,8 +223,12 @@ def main(argv: list[str]) -> None:
         groups, collator = image_groups(dataset), image_grouping_collator
         logger.info("Grouping captions by picture: %d pictures, %d captions", len(groups), len(dataset))
         use_block_mask_attention(model, model_args.attn_implementation)
-    elif data_args.group_by_length:
-        lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
+    else:
+        if data_args.pack_samples:
+            collator = packed_collator
+            use_packed_attention(model, model_args.attn_implementation, training_args.device.type)
+        if data_args.group_by_length:
+            lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
 
     flop_model = FlopModel.from_config(model.config, lora_rank=model_args.use_llm_lora,
                                        llm_trainable=not model_args.freeze_llm and not model_args.use_llm_lora)
