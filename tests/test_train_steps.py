@@ -66,3 +66,52 @@ def test_idle_report_finds_the_gpus_waits_and_what_the_host_did_meanwhile():
     assert lines[1].split() == ["3.00", "ms", "after", "norm", "before", "gemm;", "host:", "aten::nonzero"]
     assert "1.00 ms after gemm before adam; host: Optimizer.step, aten::item, aten::to[[4, 3, 448, 448]]" in lines[2]
     assert len(lines) == 3
+
+
+def test_batches_cross_to_the_gpu_asynchronously_from_pinned_memory(tmp_path, monkeypatch):
+    """accelerate copies batches to the device synchronously unless told otherwise: every fetch would wait for
+    the GPU's queue to drain. With a GPU and pinned loader memory the Trainer asks for asynchronous copies."""
+    import torch
+
+    cpu_trainer = trainer_for(tmp_path)
+    assert not cpu_trainer.accelerator.dataloader_config.non_blocking  # no GPU here: nothing to overlap
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=300)))
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[])  # devices chosen before the patch
+    unpinned = TrainingArguments(output_dir=str(tmp_path), report_to=[], dataloader_pin_memory=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert InternVLTrainer(model=model, args=arguments).accelerator.dataloader_config.non_blocking
+    assert not InternVLTrainer(model=model, args=unpinned).accelerator.dataloader_config.non_blocking
+
+
+def test_a_non_finite_loss_is_replaced_on_the_device_as_transformers_would(tmp_path, monkeypatch):
+    """--logging_nan_inf_filter (on by default): a NaN or inf micro-step loss counts as the window's mean so far,
+    as in transformers' loop, but decided on the device: the loop's own check, a host read of every micro-step's
+    loss, is off."""
+    import torch
+    from transformers import Trainer
+
+    from internvl_chat.data.collator import BatchCounts
+    from internvl_chat.train.trainer import COUNTS_KEY
+
+    trainer = trainer_for(tmp_path)
+    assert trainer.filter_nan_inf_losses and not trainer.args.logging_nan_inf_filter
+    losses = iter([2.5, float("nan"), float("inf"), float("nan")])
+    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(losses)))
+    trainer._tr_loss, trainer._globalstep_last_logged, trainer.state.global_step = torch.tensor(6.0), 3, 5
+    inputs = {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1)}
+    assert trainer.training_step(trainer.model, inputs).item() == 2.5  # finite: kept
+    assert trainer.training_step(trainer.model, inputs).item() == 2.0  # 6 / (1 + 5 - 3)
+    assert trainer.training_step(trainer.model, inputs).item() == 2.0
+    trainer.filter_nan_inf_losses = False  # --logging_nan_inf_filter False: the loss as it is
+    assert torch.isnan(trainer.training_step(trainer.model, inputs))
+
+
+def test_total_flos_come_from_the_flop_model(tmp_path):
+    """trainer_state's total_flos take each micro-step's count from the FLOP model (transformers' estimate walks
+    every parameter at every micro-step)."""
+    from internvl_chat.train.flops import FlopModel
+
+    trainer = trainer_for(tmp_path)
+    trainer.flop_model = FlopModel.from_config(trainer.model.config, lora_rank=8)
+    trainer._micro_step_flops = 1.5e12
+    assert trainer.floating_point_ops({"input_ids": None}) == 1.5e12

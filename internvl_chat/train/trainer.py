@@ -22,13 +22,15 @@ COUNTS_KEY = "batch_counts"  # set by TrainingCollator, taken out before the for
 
 
 class TrainingCollator:
-    """The recipe's collator plus two things done in the loader workers instead of the training process:
-    - the batch's throughput counts, taken on the CPU. The Trainer hands training_step a batch that is already
-      on the GPU, where reading them would make the host wait for the previous micro-step to finish;
+    """The recipe's collator plus what is cheaper in the loader workers than in the training process, where the
+    same work on the GPU's tensors would make the host wait for the GPU:
+    - the batch's throughput counts, taken on the CPU;
     - floating tensors (the pixels) in `float_dtype`, the dtype the model is loaded in and computes in (the ViT
       casts its input to it anyway, so the values are the same) and half the bytes to copy to the GPU. In the
       launcher's H200 profile the host spent 12-19 ms per micro-batch of 4 pictures in a copy to the device
-      while the GPU waited; which copy, and why, is not established yet (docs/PERFORMANCE.md)."""
+      while the GPU waited (docs/PERFORMANCE.md);
+    - `image_flags` left out when every tile is a picture's (no text-only sample in the batch): the forward then
+      skips selecting the features of flagged tiles, a boolean selection that waits for the GPU."""
 
     def __init__(self, collate, float_dtype: torch.dtype | None = None):
         self.collate = collate
@@ -37,6 +39,8 @@ class TrainingCollator:
     def __call__(self, features) -> dict:
         batch = self.collate(features)
         batch[COUNTS_KEY] = batch_counts(batch)
+        if "image_flags" in batch and bool(batch["image_flags"].all()):
+            del batch["image_flags"]
         if self.float_dtype is not None:
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -81,6 +85,20 @@ class InternVLTrainer(Trainer):
         self.peak_tflops = peak_tflops
         self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
         self._window_start = None
+        self._micro_step_flops = 0.0
+        # transformers' loop replaces a non-finite micro-step loss by the mean of the window so far, but decides so
+        # on the host, a wait for every micro-step's last kernel before the next one can be queued. training_step
+        # makes the same replacement on the device instead, and the loop's own check is turned off.
+        self.filter_nan_inf_losses = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        # Batches go to the GPU asynchronously from the loader's pinned memory. accelerate copies them
+        # synchronously by default, so that every fetch waits for the GPU's queue to drain, and the Trainer
+        # fetches an optimizer step's micro-batches together.
+        if self.args.dataloader_pin_memory and torch.cuda.is_available() and not self.args.use_cpu:
+            self.args.accelerator_config.non_blocking = True
+        super().create_accelerator_and_postprocess()
 
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
@@ -123,9 +141,21 @@ class InternVLTrainer(Trainer):
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
             logit_positions = counts.supervised if self.supervised_logits_only else inputs["input_ids"].numel()
-            self._window["flops"] += self.flop_model.train_step_flops(
+            self._micro_step_flops = self.flop_model.train_step_flops(
                 int(inputs["pixel_values"].shape[0]), counts.lengths, logit_positions=logit_positions)
-        return super().training_step(model, inputs, num_items_in_batch)
+            self._window["flops"] += self._micro_step_flops
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.filter_nan_inf_losses and hasattr(self, "_tr_loss"):  # the loop's replacement, without a host read
+            window_mean = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            loss = torch.where(torch.isfinite(loss), loss, window_mean)
+        return loss
+
+    def floating_point_ops(self, inputs) -> float:
+        """The micro-step's FLOPs for trainer_state's total_flos, from the FLOP model; transformers' estimate
+        walks every parameter of the model at every micro-step."""
+        if self.flop_model is None:
+            return super().floating_point_ops(inputs)
+        return self._micro_step_flops
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != COUNTS_KEY}  # training and evaluation
