@@ -115,3 +115,13 @@ def test_total_flos_come_from_the_flop_model(tmp_path):
     trainer.flop_model = FlopModel.from_config(trainer.model.config, lora_rank=8)
     trainer._micro_step_flops = 1.5e12
     assert trainer.floating_point_ops({"input_ids": None}) == 1.5e12
+
+
+def test_busy_time_merges_overlapping_spans():
+    """GPU busy time is the union of the device spans: overlapping kernels (several streams) count once."""
+    from internvl_chat.train.profiling import Span, busy_time
+
+    spans = [Span(0, 100, "gemm"), Span(50, 400, "attention"), Span(60, 70, "small"), Span(410, 500, "norm"),
+             Span(3500, 3600, "gemm")]
+    assert busy_time(spans) == 400 + 90 + 100
+    assert busy_time([]) == 0

@@ -28,12 +28,14 @@ def parse_step_range(text: str) -> tuple[int, int]:
 def profile_summary(prof, steps: int, wall_seconds: float, top: int = 40) -> str:
     """Wall and kernel time per step, kernel launches per step and the operators and kernels taking most time
     (by GPU time where there is a GPU, else by CPU time)."""
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU activity: kernels, copies and memsets. Not user annotations: torch.compile marks each compiled graph's
+    # span on the GPU timeline too, which would count its kernels twice and cover the gaps between them.
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                     and not getattr(e, "is_user_annotation", False)]
     lines = [f"{wall_seconds / steps * 1e3:.1f} ms wall per step over {steps} step(s)"]
     if device_events:
-        busy = sum(e.device_time_total for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / steps
-        lines[0] += (f", {busy:.1f} ms of kernels per step, {len(device_events) / steps:.0f} kernel launches "
+        busy = busy_time([Span(e.time_range.start, e.time_range.end, e.name) for e in device_events]) / 1e3 / steps
+        lines[0] += (f", GPU busy {busy:.1f} ms per step, {len(device_events) / steps:.0f} kernel launches "
                      f"per step, {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
     sort_by = "cuda_time_total" if device_events else "cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90))
@@ -53,6 +55,19 @@ class Span(NamedTuple):
     end: float
     name: str
     shapes: str = ""
+
+
+def busy_time(kernels: list[Span]) -> float:
+    """Microseconds in which at least one of the spans runs (overlapping spans merged)."""
+    total, busy_until = 0.0, None
+    for kernel in sorted(kernels):
+        if busy_until is None or kernel.start >= busy_until:
+            total += kernel.end - kernel.start
+            busy_until = kernel.end
+        elif kernel.end > busy_until:
+            total += kernel.end - busy_until
+            busy_until = kernel.end
+    return total
 
 
 def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int = 12,

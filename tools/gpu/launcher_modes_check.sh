@@ -1,0 +1,64 @@
+#!/bin/sh
+# One device call: the tutorial's launcher (finetune_check.sh: random full-size InternVL2-2B, COCO-shaped synthetic
+# data, ZeRO-1, bf16, 8 loader workers) in the fast per-caption, grouped and packed modes, each with a profile of
+# steps PROFILE, then the table of all runs (tools/gpu/launcher_table.py).
+#   sh tools/gpu/launcher_modes_check.sh OUT_DIR
+#   RUNS="per_caption grouped" STEPS=24 PROFILE=20,22 LIMIT=240 sh tools/gpu/launcher_modes_check.sh OUT_DIR
+# Environment: RUNS (any of faithful per_caption grouped packed), STEPS, PROFILE (FIRST,LAST), LIMIT (seconds per
+# run; a run stopped there keeps its logs), PYTHON. Carry .whl (DeepSpeed and its needs). Leaves the table in
+# OUT_DIR/launcher_table.md and every run's logs in OUT_DIR/launcher_logs.tar.gz, written again after each run (the
+# device tool returns a few files only, and a command stopped at its limit returns what $OUT has by then).
+set -u
+out=${1:?usage: sh tools/gpu/launcher_modes_check.sh OUT_DIR}
+python=${PYTHON:-python3}
+RUNS=${RUNS:-per_caption grouped packed}
+STEPS=${STEPS:-20}
+PROFILE=${PROFILE:-16,18}
+LIMIT=${LIMIT:-240}
+logs=${WORK:-/tmp/finetune_check}/launcher_logs
+mkdir -p "$out" "$logs"
+fast="--supervised_logits_only True --grad_checkpoint False --compile_blocks True"
+states=""
+for run in $RUNS; do
+    case $run in
+        faithful) flags="" ;;
+        per_caption) flags="$fast" ;;
+        grouped) flags="$fast --group_by_image True --group_by_length False" ;;
+        packed) flags="$fast --pack_samples True" ;;
+        *) echo "unknown run $run (faithful, per_caption, grouped, packed)" >&2; exit 2 ;;
+    esac
+    echo "[launcher_modes_check] $run: $flags --profile_steps $PROFILE"
+    # A process group of its own, so that a run past LIMIT is stopped with all its processes (torchrun, the
+    # ranks, the loader workers): `timeout` would signal the shell only, which waits for its child first.
+    # shellcheck disable=SC2086  # the flags are words
+    GPUS=1 STEPS=$STEPS NAME=$run setsid sh tools/gpu/finetune_check.sh "$logs" $flags \
+        --profile_steps "$PROFILE" > "$logs/${run}_stdout.txt" 2>&1 &
+    pid=$!
+    waited=0
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$LIMIT" ]; do
+        sleep 2
+        waited=$((waited + 2))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "[launcher_modes_check] $run: stopped after ${LIMIT} s"
+        kill -s TERM -- "-$pid"
+        sleep 10
+        kill -s KILL -- "-$pid" 2>/dev/null
+    fi
+    wait "$pid"
+    echo "[launcher_modes_check] $run exited with $?"
+    run_dir=${WORK:-/tmp/finetune_check}/run_$run  # finetune_check's run folder: the log so far, also when stopped
+    [ -f "$logs/${run}_training_log.txt" ] || cp "$run_dir/training_log.txt" "$logs/${run}_training_log.txt" 2>/dev/null
+    [ -f "$logs/${run}_trainer_state.json" ] && states="$states $logs/${run}_trainer_state.json"
+    grep -o "'samples_per_second': '[0-9.]*'" "$logs/${run}_training_log.txt" 2>/dev/null | tail -n 3
+    tar -czf "$out/launcher_logs.tar.gz" -C "$(dirname "$logs")" launcher_logs
+done
+first=${PROFILE%,*}
+last=${PROFILE#*,}
+if [ -n "$states" ]; then
+    # shellcheck disable=SC2086
+    "$python" tools/gpu/launcher_table.py $states --skip "$first-$last" | tee "$out/launcher_table.md"
+fi
+for profile in "$logs"/*_profile_steps_*.txt; do
+    [ -f "$profile" ] && { echo "== $profile"; sed -n '2p' "$profile"; grep -A 6 "^GPU idle" "$profile"; }
+done

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""The table of launcher runs (tools/gpu/finetune_check.sh) from their trainer_state.json files: captions/s as the
+median of the logged steps from --first on, leaving out the steps a run profiled (--profile_steps slows them).
+
+  python3 tools/gpu/launcher_table.py OUT/per_caption_trainer_state.json OUT/grouped_trainer_state.json \
+      --first 3 --skip 16-18
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def parse_steps(text: str) -> set[int]:
+    steps = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+def run_row(path: Path, first: int, skip: set[int]) -> dict:
+    history = [entry for entry in json.loads(path.read_text())["log_history"] if "samples_per_second" in entry]
+    if not history:
+        raise SystemExit(f"{path}: no logged training steps")
+    kept = [entry for entry in history if entry["step"] >= first and entry["step"] not in skip]
+    if not kept:
+        raise SystemExit(f"{path}: no logged step from {first} on outside {sorted(skip)}")
+    rates = [entry["samples_per_second"] for entry in kept]
+    name = path.name.removesuffix("_trainer_state.json").removesuffix(".json")
+    return {"run": name, "steps": f"{kept[0]['step']}-{kept[-1]['step']} ({len(kept)})",
+            "captions_per_s": statistics.median(rates), "low": min(rates), "high": max(rates),
+            "tflops": statistics.median(entry.get("tflops_per_device", 0.0) for entry in kept),
+            "peak_gb": max(entry.get("max_memory_allocated_gb", 0.0) for entry in history),
+            "loss": f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("states", nargs="+", type=Path, help="trainer_state.json files of launcher runs")
+    parser.add_argument("--first", type=int, default=3, help="first step counted (the first ones compile)")
+    parser.add_argument("--skip", default="", help="steps left out, e.g. 16-18 (profiled)")
+    parser.add_argument("--baseline", default=None, help="run whose captions/s the ratios divide by")
+    args = parser.parse_args()
+    rows = [run_row(path, args.first, parse_steps(args.skip)) for path in args.states]
+    baseline = next((row["captions_per_s"] for row in rows if row["run"] == args.baseline), None)
+    print("| run | steps (count) | captions/s, median | range | model TFLOP/s | peak GB | loss, first -> last |"
+          + (" vs " + args.baseline + " |" if baseline else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if baseline else ""))
+    for row in rows:
+        ratio = f" {row['captions_per_s'] / baseline:.2f}x |" if baseline else ""
+        print(f"| {row['run']} | {row['steps']} | {row['captions_per_s']:.2f} | {row['low']:.2f}-{row['high']:.2f} "
+              f"| {row['tflops']:.1f} | {row['peak_gb']:.1f} | {row['loss']} |{ratio}")
+
+
+if __name__ == "__main__":
+    main()
