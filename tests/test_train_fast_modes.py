@@ -373,6 +373,25 @@ def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypa
 
     assert batch["pixel_values"].dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
     assert "image_flags" not in batch  # every tile a picture's: the forward needs no selection (a host wait)
+    # right padding: no mask and no position ids (0, 1, 2, ... in every row once the pads' are continued), as
+    # the forward would make of them after host waits; the step trains exactly as from the padded batch
+    assert "attention_mask" not in batch and "position_ids" not in batch
+    padded = concat_pad_data_collator([dataset[i] for i in (0, 5, 9)])
+    reference_loss, reference_grads = loss_and_grads(model, padded, logits_for_labels_only=True)
+    loss, grads = loss_and_grads(model, {k: v for k, v in batch.items() if k != trainer_module.COUNTS_KEY},
+                                 logits_for_labels_only=True)
+    assert torch.allclose(loss, reference_loss, rtol=1e-6)
+    for name, grad in reference_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-8), name
+    from internvl_chat.data.collator import image_grouping_collator, packed_collator
+
+    groups = dataset.datasets[0].image_groups()
+    items = [dataset[i] for group in groups[:2] for i in group[:3]]
+    grouped = trainer_module.TrainingCollator(image_grouping_collator)(items)
+    assert torch.equal(grouped["attention_mask"], image_grouping_collator(items)["attention_mask"])  # 4D: kept
+    assert torch.equal(grouped["position_ids"], image_grouping_collator(items)["position_ids"])
+    packed = trainer_module.TrainingCollator(packed_collator)(items)
+    assert torch.equal(packed["position_ids"], packed_collator(items)["position_ids"])  # restarting: kept
     items = [dataset[i] for i in (0, 5)]
     items[1] = dict(items[1], image_flags=torch.zeros_like(items[1]["image_flags"]))  # as a text-only sample's
     assert torch.equal(trainer.data_collator(items)["image_flags"], concat_pad_data_collator(items)["image_flags"])
@@ -383,7 +402,9 @@ def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypa
     assert bf16_batch["pixel_values"].dtype == torch.bfloat16  # cast in the loader workers, not on the way over
     assert torch.equal(bf16_batch["pixel_values"], batch["pixel_values"].to(torch.bfloat16))
     assert torch.equal(bf16_batch["input_ids"], batch["input_ids"])
-    assert bf16_batch["attention_mask"].dtype == torch.bool
+    grouped_items = [dataset[i] for group in groups[:2] for i in group[:3]]
+    bf16_grouped = trainer_module.TrainingCollator(image_grouping_collator, torch.bfloat16)(grouped_items)
+    assert bf16_grouped["attention_mask"].dtype == torch.bool and bf16_grouped["pixel_values"].dtype == torch.bfloat16
 
     monkeypatch.setattr(trainer_module, "batch_counts", no_reads)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop

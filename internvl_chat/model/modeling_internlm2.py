@@ -220,6 +220,9 @@ class InternLM2Model(InternLM2PreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        # Positions numbered here are one sequence per row: transformers need not look for packed sequences in
+        # them (that check reads the GPU's result on the host).
+        given_position_ids = position_ids
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
@@ -228,7 +231,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            position_ids=position_ids,
+            position_ids=given_position_ids,
         )
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
         hidden_states = inputs_embeds

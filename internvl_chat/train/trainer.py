@@ -7,6 +7,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+import logging
+
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
@@ -15,8 +17,10 @@ from transformers.trainer_utils import seed_worker
 from ..data.collator import batch_counts
 from ..data.dataset import PicturesOnceDataset
 from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
+from ..model.modeling_internvl_chat import only_right_padding, positions_through_padding
 from .flops import FlopModel
 
+logger = logging.getLogger("internvl_chat.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COUNTS_KEY = "batch_counts"  # set by TrainingCollator, taken out before the forward
 
@@ -30,7 +34,11 @@ class TrainingCollator:
       launcher's H200 profile the host spent 12-19 ms per micro-batch of 4 pictures in a copy to the device
       while the GPU waited (docs/PERFORMANCE.md);
     - `image_flags` left out when every tile is a picture's (no text-only sample in the batch): the forward then
-      skips selecting the features of flagged tiles, a boolean selection that waits for the GPU."""
+      skips selecting the features of flagged tiles, a boolean selection that waits for the GPU;
+    - a right-padding mask turned into what the forward would make of it on the GPU after a host wait
+      (InternVLChatModel._attention_inputs_for_backend): no mask, the pads' positions continued; and positions
+      that are 0, 1, 2, ... in every row left out, as the LLM numbers positions so itself (our InternLM2 then
+      skips transformers' check for packed sequences, another host wait)."""
 
     def __init__(self, collate, float_dtype: torch.dtype | None = None):
         self.collate = collate
@@ -41,6 +49,13 @@ class TrainingCollator:
         batch[COUNTS_KEY] = batch_counts(batch)
         if "image_flags" in batch and bool(batch["image_flags"].all()):
             del batch["image_flags"]
+        if only_right_padding(batch.get("attention_mask")) and "position_ids" in batch:
+            keep = batch.pop("attention_mask").bool()
+            batch["position_ids"] = positions_through_padding(batch["position_ids"], keep)
+        positions = batch.get("position_ids")
+        if positions is not None and "attention_mask" not in batch and "cu_seq_lens" not in batch and \
+                torch.equal(positions, torch.arange(positions.shape[1]).expand_as(positions)):
+            del batch["position_ids"]
         if self.float_dtype is not None:
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -98,6 +113,16 @@ class InternVLTrainer(Trainer):
         # fetches an optimizer step's micro-batches together.
         if self.args.dataloader_pin_memory and torch.cuda.is_available() and not self.args.use_cpu:
             self.args.accelerator_config.non_blocking = True
+        deepspeed_config = getattr(self.args, "hf_deepspeed_config", None)
+        if deepspeed_config is not None:
+            # DeepSpeed's throughput timer synchronizes the GPU at every micro-step's forward and step (twice a
+            # micro-step, each draining the GPU's queue) to report samples/s every steps_per_print steps; this
+            # Trainer logs throughput itself. A config that sets the timer's own values keeps them.
+            timer = deepspeed_config.config.setdefault("timers", {}).setdefault("throughput", {})
+            if "synchronized" not in timer:
+                timer["synchronized"] = False
+                logger.info("DeepSpeed's throughput timer without GPU synchronization (timers.throughput."
+                            "synchronized false): a host wait less at every micro-step's forward and step")
         super().create_accelerator_and_postprocess()
 
     def _get_train_sampler(self, train_dataset=None):
