@@ -21,7 +21,8 @@ def test_benchmark_train_measures_every_mode(tmp_path):
     assert [row["mode"] for row in rows] == [
         "faithful", "supervised_logits", "no_checkpointing", "no_checkpointing+supervised_logits",
         "shared_image+supervised_logits", "no_checkpointing+shared_image+supervised_logits",
-        "no_checkpointing+packed+supervised_logits", "compile+no_checkpointing+supervised_logits", "compile+no_checkpointing+shared_image+supervised_logits"]
+        "no_checkpointing+packed+supervised_logits", "compile+no_checkpointing+supervised_logits",
+        "compile+no_checkpointing+shared_image+supervised_logits"]
     assert all(row["captions_per_s"] > 0 and row["repeat_captions_per_s"] > 0 and row["tokens_per_s"] > 0
                for row in rows)
     faithful = rows[0]["losses"]

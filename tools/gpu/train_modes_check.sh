@@ -1,8 +1,8 @@
 #!/bin/sh
-# One device call for the training modes: the CUDA-only tests (flex attention's and the prefix split's loss and
-# LoRA gradients against SDPA, eager and compiled), then benchmark_train's table on a random full-size
+# One device call for the training modes: the CUDA-only tests (flex attention's, the prefix split's and packed
+# rows' loss and LoRA gradients against SDPA, eager and compiled), then benchmark_train's table on a random full-size
 # InternVL2-2B built once.
-#   sh tools/gpu/train_modes_check.sh OUT_DIR     # faithful; per caption; grouped: prefix split, flex, SDPA
+#   sh tools/gpu/train_modes_check.sh OUT_DIR     # faithful; per caption, padded and packed; grouped: split, flex, SDPA
 #   PICTURES=8 BATCH=8 MODES=faithful,supervised_logits+no_checkpointing+compile \
 #       sh tools/gpu/train_modes_check.sh OUT_DIR
 # Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), LENGTH_MULTIPLE, STEPS, WARMUP,
@@ -14,13 +14,13 @@ python=${PYTHON:-python3}
 work=${WORK:-/tmp/train_modes_check}
 per_caption=supervised_logits+no_checkpointing+compile
 grouped=shared_image+$per_caption
-MODES=${MODES:-faithful,$per_caption,$grouped,flex+$grouped,sdpa+$grouped}  # grouped: the prefix split by default
+MODES=${MODES:-faithful,$per_caption,packed+$per_caption,$grouped,flex+$grouped,sdpa+$grouped}  # grouped: prefix split
 mkdir -p "$out" "$work"
 
 if ! "$python" -c "import pytest" 2>/dev/null && [ -d .whl ]; then
     "$python" -m pip install -q --no-index --find-links .whl pytest
 fi
-"$python" -m pytest -q -p no:cacheprovider tests/test_train_fast_modes.py -k "flex or split" > "$out/tests.txt" 2>&1
+"$python" -m pytest -q -p no:cacheprovider tests/test_train_fast_modes.py -k "flex or split or packed" > "$out/tests.txt" 2>&1
 tail -n 3 "$out/tests.txt"
 
 if [ ! -f "$work/InternVL2-2B/config.json" ]; then
