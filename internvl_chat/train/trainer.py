@@ -1,13 +1,12 @@
 """The Trainer of the fine-tuning recipe: transformers' Trainer plus the original's length-grouped sampler,
 throughput and MFU logging, and checkpoints that are only resumed from when complete."""
 import json
+import logging
 import math
 import re
 import time
 from functools import partial
 from pathlib import Path
-
-import logging
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,7 +36,7 @@ class TrainingCollator:
       skips selecting the features of flagged tiles, a boolean selection that waits for the GPU;
     - a right-padding mask turned into what the forward would make of it on the GPU after a host wait
       (InternVLChatModel._attention_inputs_for_backend): no mask, the pads' positions continued; and positions
-      that are 0, 1, 2, ... in every row left out, as the LLM numbers positions so itself (our InternLM2 then
+      that are 0, 1, 2, ... in every row left out, since the LLM numbers them that way itself (our InternLM2 then
       skips transformers' check for packed sequences, another host wait)."""
 
     def __init__(self, collate, float_dtype: torch.dtype | None = None):
