@@ -106,15 +106,24 @@ def test_a_non_finite_loss_is_replaced_on_the_device_as_transformers_would(tmp_p
     assert torch.isnan(trainer.training_step(trainer.model, inputs))
 
 
-def test_total_flos_come_from_the_flop_model(tmp_path):
-    """trainer_state's total_flos take each micro-step's count from the FLOP model (transformers' estimate walks
-    every parameter at every micro-step)."""
+def test_total_flos_come_from_the_flop_model(tmp_path, monkeypatch):
+    """trainer_state's total_flos take each micro-step's count from the FLOP model, as training_step computed it
+    from the collator's counts (transformers' estimate walks every parameter at every micro-step)."""
+    import torch
+    from transformers import Trainer
+
+    from internvl_chat.data.collator import BatchCounts
     from internvl_chat.train.flops import FlopModel
+    from internvl_chat.train.trainer import COUNTS_KEY
 
     trainer = trainer_for(tmp_path)
     trainer.flop_model = FlopModel.from_config(trainer.model.config, lora_rank=8)
-    trainer._micro_step_flops = 1.5e12
-    assert trainer.floating_point_ops({"input_ids": None}) == 1.5e12
+    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(1.0))
+    inputs = {COUNTS_KEY: BatchCounts(captions=2, lengths=[40, 36], supervised=9),
+              "pixel_values": torch.zeros(3, 3, 8, 8), "input_ids": torch.zeros(2, 40, dtype=torch.long)}
+    trainer.training_step(trainer.model, inputs)
+    expected = trainer.flop_model.train_step_flops(3, [40, 36], logit_positions=80)
+    assert expected > 0 and trainer.floating_point_ops(inputs) == expected
 
 
 def test_busy_time_merges_overlapping_spans():

@@ -26,8 +26,8 @@ def parse_step_range(text: str) -> tuple[int, int]:
 
 
 def profile_summary(prof, steps: int, wall_seconds: float, top: int = 40) -> str:
-    """Wall and kernel time per step, kernel launches per step and the operators and kernels taking most time
-    (by GPU time where there is a GPU, else by CPU time)."""
+    """Wall time and GPU busy time per step, kernel launches per step, the operators and kernels taking most time
+    (by GPU time where there is a GPU, else by CPU time) and the GPU's idle gaps."""
     # GPU activity: kernels, copies and memsets. Not user annotations: torch.compile marks each compiled graph's
     # span on the GPU timeline too, which would count its kernels twice and cover the gaps between them.
     device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA

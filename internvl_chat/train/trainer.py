@@ -52,8 +52,7 @@ class TrainingCollator:
             keep = batch.pop("attention_mask").bool()
             batch["position_ids"] = positions_through_padding(batch["position_ids"], keep)
         positions = batch.get("position_ids")
-        if positions is not None and "attention_mask" not in batch and "cu_seq_lens" not in batch and \
-                torch.equal(positions, torch.arange(positions.shape[1]).expand_as(positions)):
+        if positions is not None and torch.equal(positions, torch.arange(positions.shape[1]).expand_as(positions)):
             del batch["position_ids"]
         if self.float_dtype is not None:
             for key, value in batch.items():
