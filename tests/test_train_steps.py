@@ -134,3 +134,51 @@ def test_busy_time_merges_overlapping_spans():
              Span(3500, 3600, "gemm")]
     assert busy_time(spans) == 400 + 90 + 100
     assert busy_time([]) == 0
+
+
+def test_garbage_collection_time_is_counted_while_training_and_only_then():
+    """python_gc_ms / python_gc_full: the collector's time in the window, from gc's callbacks, which are registered
+    for the length of train() only (a process that builds several Trainers keeps no stale callbacks)."""
+    import gc
+
+    from internvl_chat.train.trainer import GarbageCollectionTimer
+
+    timer = GarbageCollectionTimer()
+    with timer:
+        assert timer in gc.callbacks
+        garbage = [[] for _ in range(1000)]
+        for first, second in zip(garbage, garbage[1:]):
+            first.append(second), second.append(first)  # cycles: only the cyclic collector frees them
+        del garbage, first, second
+        gc.collect(0)
+        gc.collect()
+        figures = timer.take()
+    assert timer not in gc.callbacks
+    assert figures["python_gc_full"] == 1 and figures["python_gc_ms"] > 0
+    assert timer.take() == {"python_gc_ms": 0.0, "python_gc_full": 0}
+    gc.collect()  # outside train(): not counted
+    assert timer.take() == {"python_gc_ms": 0.0, "python_gc_full": 0}
+
+
+def test_objects_alive_after_the_compiling_steps_are_frozen_until_training_ends(tmp_path):
+    """A full garbage collection walks every object; after the first two optimizer steps (torch.compile's graphs)
+    the live ones are frozen, once, and released at the end of training."""
+    import gc
+
+    from internvl_chat.train.trainer import FreezeObjectsAfterWarmup
+
+    trainer = trainer_for(tmp_path)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeObjectsAfterWarmup))
+    assert gc.get_freeze_count() == 0
+    try:
+        callback.on_step_end(trainer.args, trainer.state, trainer.control)
+        assert gc.get_freeze_count() == 0
+        callback.on_step_end(trainer.args, trainer.state, trainer.control)
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000
+        callback.on_step_end(trainer.args, trainer.state, trainer.control)
+        assert gc.get_freeze_count() == frozen  # not again
+        callback.on_train_end(trainer.args, trainer.state, trainer.control)
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

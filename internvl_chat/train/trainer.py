@@ -1,5 +1,6 @@
 """The Trainer of the fine-tuning recipe: transformers' Trainer plus the original's length-grouped sampler,
 throughput and MFU logging, and checkpoints that are only resumed from when complete."""
+import gc
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
 from ..data.collator import batch_counts
@@ -61,6 +62,60 @@ class TrainingCollator:
         return batch
 
 
+class GarbageCollectionTimer:
+    """Time that Python's cyclic garbage collector holds the training process, counted from gc's own callbacks.
+    A full collection walks every object the process holds, and one that has compiled graphs holds millions: the
+    host then queues no kernels while the GPU drains its queue. Logged per window as `python_gc_ms` and
+    `python_gc_full` (full collections)."""
+
+    def __init__(self):
+        self.seconds, self.full_collections, self._start = 0.0, 0, None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.full_collections += info["generation"] == 2  # the oldest generation: every tracked object
+            self._start = None
+
+    def __enter__(self) -> "GarbageCollectionTimer":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def take(self) -> dict:
+        """The window's figures, and a new window."""
+        figures = {"python_gc_ms": round(self.seconds * 1e3, 1), "python_gc_full": self.full_collections}
+        self.seconds, self.full_collections = 0.0, 0
+        return figures
+
+
+class FreezeObjectsAfterWarmup(TrainerCallback):
+    """After this process's first optimizer steps, where torch.compile builds its graphs (the first shape, then the
+    dynamic-shape graphs at the second), every object alive is taken out of the garbage collector's walks
+    (gc.freeze). A full collection otherwise walks them all: 626 ms in one step of the H200 launcher run with
+    compiled blocks (docs/PERFORMANCE.md), while the GPU's queue runs dry, and every rank at its own times. Objects
+    made later are collected as usual; the frozen ones are released to the collector when training ends."""
+
+    def __init__(self, after_steps: int = 2):
+        self.after_steps, self.steps = after_steps, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        if self.steps == self.after_steps:
+            gc.collect()
+            gc.freeze()
+            logger.info("Python's garbage collector: the %d objects alive after the first %d steps frozen (gc.freeze)",
+                        gc.get_freeze_count(), self.after_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.steps >= self.after_steps:
+            gc.unfreeze()
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     """trainer_state.json is written after the weights, optimizer and RNG states; a folder without a
     readable one was cut off mid-save."""
@@ -99,6 +154,8 @@ class InternVLTrainer(Trainer):
         self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
         self._window_start = None
         self._micro_step_flops = 0.0
+        self.gc_timer = GarbageCollectionTimer()
+        self.add_callback(FreezeObjectsAfterWarmup())
         # transformers' loop replaces a non-finite micro-step loss by the mean of the window so far, but decides so
         # on the host, a wait for every micro-step's last kernel before the next one can be queued. training_step
         # makes the same replacement on the device instead, and the loop's own check is turned off.
@@ -122,6 +179,10 @@ class InternVLTrainer(Trainer):
                 logger.info("DeepSpeed's throughput timer without GPU synchronization (timers.throughput."
                             "synchronized false): a host wait less at every micro-step's forward and step")
         super().create_accelerator_and_postprocess()
+
+    def train(self, *args, **kwargs):
+        with self.gc_timer:
+            return super().train(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
@@ -199,6 +260,7 @@ class InternVLTrainer(Trainer):
                 logs["tflops_per_device"] = round(flops / elapsed / self.args.world_size / 1e12, 2)
                 if self.peak_tflops:
                     logs["mfu"] = round(logs["tflops_per_device"] / self.peak_tflops, 4)
+            logs.update(self.gc_timer.take())
             if torch.cuda.is_available():
                 logs["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
