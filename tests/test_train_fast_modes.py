@@ -175,6 +175,31 @@ def test_shared_image_padding_to_fewer_shapes_changes_nothing(setup):
         shared_image_collator(items, length_multiple=MASK_LENGTH_MULTIPLE + 4)
 
 
+def test_per_caption_padding_to_fewer_lengths_changes_nothing(setup):
+    """The launcher's default --pad_to_multiple_of 16 (fewer distinct lengths, fewer cuDNN plans): the trainer's
+    collator pads further on the right and drops the mask; loss and gradients are the original padding's."""
+    from functools import partial
+
+    from internvl_chat.data.collator import PAD_LENGTH_MULTIPLE
+    from internvl_chat.train.trainer import COUNTS_KEY, TrainingCollator
+
+    model, _, dataset = setup
+    items = [dataset[i] for i in (0, 5, 9)]
+    original = concat_pad_data_collator(items)
+    collate = TrainingCollator(partial(concat_pad_data_collator, length_multiple=PAD_LENGTH_MULTIPLE))
+    rounded = {key: value for key, value in collate(items).items() if key != COUNTS_KEY}
+    length = rounded["input_ids"].shape[1]
+    assert length % PAD_LENGTH_MULTIPLE == 0 and length > original["input_ids"].shape[1]
+    assert "attention_mask" not in rounded  # right padding: no mask, as the trainer runs it
+    loss, grads = loss_and_grads(model, original, logits_for_labels_only=True)
+    rounded_loss, rounded_grads = loss_and_grads(model, rounded, logits_for_labels_only=True)
+    assert torch.allclose(rounded_loss, loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(rounded_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    with pytest.raises(ValueError, match=">= 1"):
+        concat_pad_data_collator(items, length_multiple=0)
+
+
 def shared_image_batch(dataset, captions=3):
     groups = dataset.datasets[0].image_groups()
     return shared_image_collator([[dataset[i] for i in group[:captions]] for group in groups[:2]])

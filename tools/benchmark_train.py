@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
-from internvl_chat.data.collator import (MASK_LENGTH_MULTIPLE, batch_counts, concat_pad_data_collator,  # noqa: E402
-                                         packed_collator, shared_image_collator)
+from internvl_chat.data.collator import (MASK_LENGTH_MULTIPLE, PAD_LENGTH_MULTIPLE, batch_counts,  # noqa: E402
+                                         concat_pad_data_collator, packed_collator, shared_image_collator)
 from internvl_chat.data.dataset import build_datasets  # noqa: E402
 from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
 from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
@@ -95,17 +95,18 @@ def prepare(args, work: Path):
     return model, {"per_caption": step_items, "faithful": faithful_items, "shared_image": step_groups}, device
 
 
-def mode_batches(steps: dict, mode: set, device, length_multiple: int = MASK_LENGTH_MULTIPLE) -> list[dict]:
+def mode_batches(steps: dict, mode: set, device, length_multiple: int = MASK_LENGTH_MULTIPLE,
+                 pad_multiple: int = PAD_LENGTH_MULTIPLE) -> list[dict]:
     """The mode's collated batches on the device (kept there, so the table measures the model, not the loader)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if "shared_image" in mode:
         batches = [shared_image_collator(step, length_multiple=length_multiple) for step in steps["shared_image"]]
-    elif "faithful" in mode:
+    elif "faithful" in mode:  # padded as the original pads: to the longest sample
         batches = [concat_pad_data_collator(step) for step in steps["faithful"]]
     elif "packed" in mode:
         batches = [packed_collator(step) for step in steps["per_caption"]]
-    else:
-        batches = [concat_pad_data_collator(step) for step in steps["per_caption"]]
+    else:  # as the trainer pads them by default (--pad_to_multiple_of)
+        batches = [concat_pad_data_collator(step, length_multiple=pad_multiple) for step in steps["per_caption"]]
     return [{k: v.to(device, dtype) if k == "pixel_values" else v.to(device) if isinstance(v, torch.Tensor) else v
              for k, v in batch.items()} for batch in batches]
 
@@ -241,6 +242,9 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=4, help="pictures per step in shared_image modes")
     parser.add_argument("--length-multiple", type=int, default=MASK_LENGTH_MULTIPLE,
                         help="shared_image sequences padded to a multiple of this (fewer distinct shapes when larger)")
+    parser.add_argument("--pad-multiple", type=int, default=PAD_LENGTH_MULTIPLE,
+                        help="padded per-caption batches (not faithful's) padded to a multiple of this, as the "
+                             "trainer's --pad_to_multiple_of")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
@@ -284,7 +288,7 @@ def main() -> None:
                     if name in initial:
                         parameter.copy_(initial[name])
                         parameter.grad = None
-            batches = mode_batches(steps, mode, device, args.length_multiple)
+            batches = mode_batches(steps, mode, device, args.length_multiple, args.pad_multiple)
             rows.append(run_mode(model, batches, device, mode, args.warmup, flop_model, peak, args.lr))
     baseline, repeat_baseline = rows[0].get("captions_per_s"), rows[0].get("repeat_captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -9,6 +9,7 @@ throughput/MFU logging, the fine-tune's tiling settings kept in the saved config
 """
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by torchrun: make the repository importable
@@ -180,6 +181,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(str(error)) from None
     if data_args.pack_samples and data_args.group_by_image:
         raise SystemExit("--pack_samples and --group_by_image are two ways to batch the same captions: choose one")
+    if data_args.pad_to_multiple_of < 1:
+        raise SystemExit(f"--pad_to_multiple_of must be 1 or more (1: pad to the longest sample), got "
+                         f"{data_args.pad_to_multiple_of}")
     for unsupported in ("vision_path", "llm_path", "mlp_path"):
         if getattr(model_args, unsupported):
             raise SystemExit(f"--{unsupported} is not supported: start from a complete InternVL2 checkpoint")
@@ -218,7 +222,8 @@ def main(argv: list[str]) -> None:
         max_dynamic_patch=data_args.max_dynamic_patch, normalize_type=data_args.normalize_type,
         seed=training_args.seed, strict=data_args.strict_data,
     )
-    lengths, groups, collator = None, None, concat_pad_data_collator
+    lengths, groups = None, None
+    collator = partial(concat_pad_data_collator, length_multiple=data_args.pad_to_multiple_of)
     if data_args.group_by_image:
         groups, collator = image_groups(dataset), image_grouping_collator
         logger.info("Grouping captions by picture: %d pictures, %d captions", len(groups), len(dataset))
