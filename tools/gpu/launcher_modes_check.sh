@@ -4,8 +4,10 @@
 # steps PROFILE, then the table of all runs (tools/gpu/launcher_table.py).
 #   sh tools/gpu/launcher_modes_check.sh OUT_DIR
 #   RUNS="per_caption grouped" STEPS=24 PROFILE=20,22 LIMIT=240 sh tools/gpu/launcher_modes_check.sh OUT_DIR
-# Environment: RUNS (any of faithful per_caption grouped packed), STEPS, PROFILE (FIRST,LAST), LIMIT (seconds per
-# run; a run stopped there keeps its logs), PYTHON. Carry .whl (DeepSpeed and its needs). Leaves the table in
+#   RUNS=per_caption PROFILE=none TAG=_one_plan TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 sh tools/gpu/launcher_modes_check.sh OUT
+# Environment: RUNS (any of faithful per_caption grouped packed), STEPS, PROFILE (FIRST,LAST, or none), LIMIT
+# (seconds per run; a run stopped there keeps its logs), TAG (appended to each run's name), PYTHON; the runs inherit
+# the rest of the environment. Carry .whl (DeepSpeed and its needs). Leaves the table in
 # OUT_DIR/launcher_table.md and every run's logs in OUT_DIR/launcher_logs.tar.gz, written again after each run (the
 # device tool returns a few files only, and a command stopped at its limit returns what $OUT has by then).
 set -u
@@ -27,12 +29,15 @@ for run in $RUNS; do
         packed) flags="$fast --pack_samples True" ;;
         *) echo "unknown run $run (faithful, per_caption, grouped, packed)" >&2; exit 2 ;;
     esac
-    echo "[launcher_modes_check] $run: $flags --profile_steps $PROFILE"
+    name=$run${TAG:-}
+    profile_flags=""
+    [ "$PROFILE" = none ] || profile_flags="--profile_steps $PROFILE"
+    echo "[launcher_modes_check] $name: $flags $profile_flags"
     # A process group of its own, so that a run past LIMIT is stopped with all its processes (torchrun, the
     # ranks, the loader workers): `timeout` would signal the shell only, which waits for its child first.
     # shellcheck disable=SC2086  # the flags are words
-    GPUS=1 STEPS=$STEPS NAME=$run setsid sh tools/gpu/finetune_check.sh "$logs" $flags \
-        --profile_steps "$PROFILE" > "$logs/${run}_stdout.txt" 2>&1 &
+    GPUS=1 STEPS=$STEPS NAME=$name setsid sh tools/gpu/finetune_check.sh "$logs" $flags $profile_flags \
+        > "$logs/${name}_stdout.txt" 2>&1 &
     pid=$!
     waited=0
     while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$LIMIT" ]; do
@@ -40,25 +45,32 @@ for run in $RUNS; do
         waited=$((waited + 2))
     done
     if kill -0 "$pid" 2>/dev/null; then
-        echo "[launcher_modes_check] $run: stopped after ${LIMIT} s"
+        echo "[launcher_modes_check] $name: stopped after ${LIMIT} s"
         kill -s TERM -- "-$pid"
         sleep 10
         kill -s KILL -- "-$pid" 2>/dev/null
     fi
     wait "$pid"
-    echo "[launcher_modes_check] $run exited with $?"
-    run_dir=${WORK:-/tmp/finetune_check}/run_$run  # finetune_check's run folder: the log so far, also when stopped
-    [ -f "$logs/${run}_training_log.txt" ] || cp "$run_dir/training_log.txt" "$logs/${run}_training_log.txt" 2>/dev/null
-    [ -f "$logs/${run}_trainer_state.json" ] && states="$states $logs/${run}_trainer_state.json"
-    grep -o "'samples_per_second': '[0-9.]*'" "$logs/${run}_training_log.txt" 2>/dev/null | tail -n 3
-    tar -czf "$out/launcher_logs.tar.gz" -C "$(dirname "$logs")" launcher_logs
+    rc=$?
+    echo "[launcher_modes_check] $name exited with $rc"
+    [ "$rc" -eq 0 ] || failed=1
+    run_dir=${WORK:-/tmp/finetune_check}/run_$name  # finetune_check's run folder: the log so far, also when stopped
+    [ -f "$logs/${name}_training_log.txt" ] || cp "$run_dir/training_log.txt" "$logs/${name}_training_log.txt" 2>/dev/null
+    [ -f "$logs/${name}_trainer_state.json" ] && states="$states $logs/${name}_trainer_state.json"
+    grep -o "'samples_per_second': '[0-9.]*'" "$logs/${name}_training_log.txt" 2>/dev/null | tail -n 3
+    tar -czf "$out/launcher_logs${TAG:-}.tar.gz" -C "$(dirname "$logs")" launcher_logs
 done
-first=${PROFILE%,*}
-last=${PROFILE#*,}
+skip=""
+[ "$PROFILE" = none ] || skip="--skip ${PROFILE%,*}-${PROFILE#*,}"
 if [ -n "$states" ]; then
     # shellcheck disable=SC2086
-    "$python" tools/gpu/launcher_table.py $states --skip "$first-$last" | tee "$out/launcher_table.md"
+    "$python" tools/gpu/launcher_table.py $states $skip | tee "$out/launcher_table${TAG:-}.md"
 fi
 for profile in "$logs"/*_profile_steps_*.txt; do
-    [ -f "$profile" ] && { echo "== $profile"; sed -n '2p' "$profile"; grep -A 6 "^GPU idle" "$profile"; }
+    if [ -f "$profile" ]; then
+        echo "== $profile"
+        sed -n '2p' "$profile"
+        grep -A 6 "^GPU idle" "$profile"
+    fi
 done
+exit "${failed:-0}"
