@@ -62,3 +62,20 @@ def test_benchmark_block_mask_times_both_builders_on_every_mask():
         "[4, 1, 256, 256], causal", "COCO shared image, whole [4, 1, 1904, 1904]",
         "COCO shared image, the prefix split's tail rows"]
     assert all(float(value) > 0 for row in rows for value in row[1:])
+
+
+def test_launcher_table_reads_throughput_and_gc_time_from_trainer_states(tmp_path):
+    """tools/gpu/launcher_table.py: from --first on, profiled steps left out, the median rate, the all-steps rate
+    (same captions every step: the harmonic mean) and the median GC time a step."""
+    rates = {1: 0.2, 2: 10.0, 3: 20.0, 4: 10.0, 5: 20.0, 6: 0.5}  # step 6 profiled
+    history = [{"step": step, "samples_per_second": rate, "loss": 12.0 - step, "tflops_per_device": 100.0 * rate,
+                "python_gc_ms": 2.0 * step, "max_memory_allocated_gb": 28.0} for step, rate in rates.items()]
+    state = tmp_path / "per_caption_trainer_state.json"
+    state.write_text(json.dumps({"log_history": history + [{"step": 6, "train_runtime": 9.0}]}))
+    result = subprocess.run([sys.executable, str(REPO / "tools/gpu/launcher_table.py"), str(state), "--skip", "6"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| per_caption |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:6] == ["3-5 (3)", "20.00", "10.00-20.00", "15.00", "2000.0"]  # 3 / (1/20 + 1/10 + 1/20) = 15
+    assert cells[7] == "8.0 (max 10.0)" and cells[8] == "11.000 -> 6.000"

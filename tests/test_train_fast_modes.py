@@ -49,6 +49,15 @@ def loss_and_grads(model, batch, **options):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_loss_and_grads(model, reference_batch, batch):
+    """Two batchings of the same captions (supervised logits): the same loss and LoRA gradients, fp32."""
+    loss, grads = loss_and_grads(model, reference_batch, logits_for_labels_only=True)
+    other_loss, other_grads = loss_and_grads(model, batch, logits_for_labels_only=True)
+    assert torch.allclose(other_loss, loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(other_grads[name], grad, rtol=1e-4, atol=1e-8), name
+
+
 def test_supervised_logits_only_matches_the_full_logits(setup):
     model, batch, _ = setup
     reference_loss, reference_grads = loss_and_grads(model, batch)
@@ -166,11 +175,7 @@ def test_shared_image_padding_to_fewer_shapes_changes_nothing(setup):
     items = [[dataset[i] for i in group[:3]] for group in groups[:2]]
     aligned, bucketed = shared_image_collator(items), shared_image_collator(items, length_multiple=64)
     assert bucketed["input_ids"].shape[1] % 64 == 0 and bucketed["input_ids"].shape[1] > aligned["input_ids"].shape[1]
-    loss, grads = loss_and_grads(model, aligned, logits_for_labels_only=True)
-    bucketed_loss, bucketed_grads = loss_and_grads(model, bucketed, logits_for_labels_only=True)
-    assert torch.allclose(bucketed_loss, loss, rtol=1e-6)
-    for name, grad in grads.items():
-        assert torch.allclose(bucketed_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    assert_same_loss_and_grads(model, aligned, bucketed)
     with pytest.raises(ValueError, match="multiple of"):
         shared_image_collator(items, length_multiple=MASK_LENGTH_MULTIPLE + 4)
 
@@ -191,11 +196,7 @@ def test_per_caption_padding_to_fewer_lengths_changes_nothing(setup):
     length = rounded["input_ids"].shape[1]
     assert length % PAD_LENGTH_MULTIPLE == 0 and length > original["input_ids"].shape[1]
     assert "attention_mask" not in rounded  # right padding: no mask, as the trainer runs it
-    loss, grads = loss_and_grads(model, original, logits_for_labels_only=True)
-    rounded_loss, rounded_grads = loss_and_grads(model, rounded, logits_for_labels_only=True)
-    assert torch.allclose(rounded_loss, loss, rtol=1e-6)
-    for name, grad in grads.items():
-        assert torch.allclose(rounded_grads[name], grad, rtol=1e-4, atol=1e-8), name
+    assert_same_loss_and_grads(model, original, rounded)
     with pytest.raises(ValueError, match=">= 1"):
         concat_pad_data_collator(items, length_multiple=0)
 

@@ -165,10 +165,10 @@ def test_objects_alive_after_the_compiling_steps_are_frozen_until_training_ends(
     the live ones are frozen, once, and released at the end of training."""
     import gc
 
-    from internvl_chat.train.trainer import FreezeObjectsAfterWarmup
+    from internvl_chat.train.trainer import FreezeObjectsAfterCompiling
 
     trainer = trainer_for(tmp_path)
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeObjectsAfterWarmup))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeObjectsAfterCompiling))
     assert gc.get_freeze_count() == 0
     try:
         callback.on_step_end(trainer.args, trainer.state, trainer.control)

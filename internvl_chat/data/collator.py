@@ -12,11 +12,11 @@ COLLATOR_PAD_ID = 0
 # unaligned lengths, and compiling it when such a batch first appears, mid-run, stalls training for tens of
 # seconds (H100, 2026-11-28).
 MASK_LENGTH_MULTIPLE = 8
-# Padded per-caption batches are padded to a multiple of this by default (the original: to the longest sample). A
+# The launcher pads batches to a multiple of this (--pad_to_multiple_of; the original: to the longest sample). A
 # batch's length changes from micro-batch to micro-batch with its longest caption, and cuDNN's attention builds an
 # execution plan for each length it has not seen: 137 ms forward + backward at InternVL2-2B's shape on an H200
-# (tools/gpu/attention_shapes_check.py), a whole optimizer step's slack. Rounding up to 16 costs 7.5 pad tokens a row
-# on average (0.4% of a COCO sample) and leaves a sixteenth of the distinct lengths.
+# (tools/gpu/attention_shapes_check.py), a sixth of a per-caption optimizer step there. Rounding up to 16 costs 7.5
+# pad tokens a row on average (0.4% of a COCO sample) and leaves a sixteenth of the distinct lengths.
 PAD_LENGTH_MULTIPLE = 16
 
 

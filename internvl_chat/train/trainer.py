@@ -93,7 +93,7 @@ class GarbageCollectionTimer:
         return figures
 
 
-class FreezeObjectsAfterWarmup(TrainerCallback):
+class FreezeObjectsAfterCompiling(TrainerCallback):
     """After this process's first optimizer steps, where torch.compile builds its graphs (the first shape, then the
     dynamic-shape graphs at the second), every object alive is taken out of the garbage collector's walks
     (gc.freeze). A full collection otherwise walks them all: 626 ms in one step of the H200 launcher run with
@@ -155,7 +155,7 @@ class InternVLTrainer(Trainer):
         self._window_start = None
         self._micro_step_flops = 0.0
         self.gc_timer = GarbageCollectionTimer()
-        self.add_callback(FreezeObjectsAfterWarmup())
+        self.add_callback(FreezeObjectsAfterCompiling())
         # transformers' loop replaces a non-finite micro-step loss by the mean of the window so far, but decides so
         # on the host, a wait for every micro-step's last kernel before the next one can be queued. training_step
         # makes the same replacement on the device instead, and the loop's own check is turned off.
