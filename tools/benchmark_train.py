@@ -185,6 +185,8 @@ def measure_mode(model, batches, device, mode: set, warmup: int, flop_model, pea
            "tokens_per_s": round(tokens / seconds), "compiles_in_timed_steps": compiles,
            "warmup_s": round(warmup_seconds, 1), "tflops": round(flops / seconds / 1e12, 1),
            "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None,
+           "repeat_tflops": round(flops / repeat_seconds / 1e12, 1),
+           "repeat_mfu": round(flops / repeat_seconds / 1e12 / peak, 3) if peak else None,
            "losses": [round(value, 5) for value in torch.stack(losses).tolist()],
            **memory_stats(device)}
     print(row, flush=True)
@@ -296,8 +298,9 @@ def main() -> None:
           f"captions (other per-caption modes), {args.pictures} pictures (shared_image, lengths a multiple of "
           f"{args.length_multiple}), {args.steps} timed steps per mode, "
           f"{'COCO picture sizes' if args.coco_sizes else '640x480 pictures'}")
-    print("| mode | captions/s | same batches again | tokens/s | model TFLOP/s | MFU | peak GB (reserved) "
-          "| allocator retries | warm-up s | vs first row (first pass, again) | loss: first, last |")
+    print("| mode | captions/s | same batches again | tokens/s | model TFLOP/s (first pass, again) "
+          "| MFU (first, again) | peak GB (reserved) | allocator retries | warm-up s "
+          "| vs first row (first pass, again) | loss: first, last |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
@@ -306,7 +309,8 @@ def main() -> None:
         ratio = (f"{row['captions_per_s'] / baseline:.2f}x, {row['repeat_captions_per_s'] / repeat_baseline:.2f}x"
                  if baseline else "")
         print(f"| {row['mode']} | {row['captions_per_s']} | {row['repeat_captions_per_s']} | {row['tokens_per_s']:,} "
-              f"| {row['tflops']} | {row['mfu']} | {row['peak_memory_gb']} ({row.get('peak_reserved_gb')}) | "
+              f"| {row['tflops']}, {row['repeat_tflops']} | {row['mfu']}, {row['repeat_mfu']} "
+              f"| {row['peak_memory_gb']} ({row.get('peak_reserved_gb')}) | "
               f"{row.get('allocator_retries')} | {row['warmup_s']} | {ratio} | "
               f"{row['losses'][0]:.4f}, {row['losses'][-1]:.4f} |")
     if args.same_captions:
