@@ -182,3 +182,11 @@ def test_objects_alive_after_the_compiling_steps_are_frozen_until_training_ends(
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_the_entry_point_refuses_a_pad_multiple_below_one(tmp_path):
+    from internvl_chat.train.internvl_chat_finetune import main
+
+    with pytest.raises(SystemExit, match="--pad_to_multiple_of must be 1 or more"):
+        main(["--model_name_or_path", str(tmp_path / "model"), "--meta_path", str(tmp_path / "meta.json"),
+              "--output_dir", str(tmp_path / "run"), "--pad_to_multiple_of", "0"])
