@@ -80,3 +80,14 @@ def test_launcher_table_reads_throughput_and_gc_time_from_trainer_states(tmp_pat
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1:6] == ["3-5 (3)", "20.00", "10.00-20.00", "15.00", "2000.0"]  # 3 / (1/20 + 1/10 + 1/20) = 15
     assert cells[7] == "8.0 (max 10.0)" and cells[8] == "11.000 -> 6.000"
+    # a run stopped before trainer_state.json: the same figures from its training log's printed dicts
+    log = tmp_path / "stopped_training_log.txt"
+    printed = [{"loss": str(entry["loss"]), **{key: str(value) for key, value in entry.items()
+                                               if key not in ("step", "loss")}} for entry in history]  # loss first
+    log.write_text("".join(f"{step}/6 [00:01<00:02] {entry}\n[Rank 0] time (ms)\n"
+                           for step, entry in enumerate(printed, 1)))
+    result = subprocess.run([sys.executable, str(REPO / "tools/gpu/launcher_table.py"), str(log), "--last", "5"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| stopped |"))
+    assert [cell.strip() for cell in row.strip("|").split("|")][1:5] == ["3-5 (3)", "20.00", "10.00-20.00", "15.00"]

@@ -20,13 +20,17 @@ MASK_LENGTH_MULTIPLE = 8
 PAD_LENGTH_MULTIPLE = 16
 
 
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
 def concat_pad_data_collator(features: list[dict], pad_id: int = COLLATOR_PAD_ID, length_multiple: int = 1) -> dict:
     """Samples padded on the right to the longest one, rounded up to a multiple of length_multiple. Right pads
     change no real token's output (attention is causal) and carry no label, so the loss is the same for any
     multiple."""
     if length_multiple < 1:
         raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
-    longest = -(-max(len(feature["input_ids"]) for feature in features) // length_multiple) * length_multiple
+    longest = round_up(max(len(feature["input_ids"]) for feature in features), length_multiple)
 
     def padded(key, value):
         rows = torch.full((len(features), longest), value, dtype=features[0][key].dtype)
@@ -111,7 +115,7 @@ def shared_image_collator(groups: list[list[dict]], pad_id: int = COLLATOR_PAD_I
         pixel_values.append(first["pixel_values"])
         image_flags.append(first["image_flags"])
 
-    longest = -(-max(len(sequence) for sequence in sequences) // length_multiple) * length_multiple
+    longest = round_up(max(len(sequence) for sequence in sequences), length_multiple)
     batch = len(groups)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     label_rows = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
