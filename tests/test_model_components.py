@@ -6,7 +6,8 @@ from transformers import DynamicCache
 
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internlm2 import InternLM2Attention, InternLM2DecoderLayer, InternLM2RotaryEmbedding
+from internvl_chat.model.modeling_internlm2 import (InternLM2Attention, InternLM2DecoderLayer,
+                                                 InternLM2RotaryEmbedding, OutputRows)
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
 from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
@@ -52,7 +53,9 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_decoder_layer_only_last_position_keeps_the_cache_and_the_last_output(attention):
+def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention):
+    """output_rows: keys and values of every position (the cache), the layer's output at the given rows only,
+    equal to the full layer's there: the last position of a prefill, or any rows under their causal mask."""
     config = InternLM2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                              bias=False, num_hidden_layers=1)
     config._attn_implementation = attention
@@ -62,14 +65,23 @@ def test_decoder_layer_only_last_position_keeps_the_cache_and_the_last_output(at
     positions = torch.arange(9)[None]
     rotary = InternLM2RotaryEmbedding(config)(hidden, positions)
     mask = torch.full((9, 9), float("-inf")).triu(1)[None, None] if attention == "eager" else None
+    chosen = torch.tensor([[2, 5, 8], [0, 7, 7]])
+    causal = (torch.arange(9)[None, None, :] <= chosen[:, :, None])[:, None]
     with torch.no_grad():
         full_cache, last_cache = DynamicCache(config=config), DynamicCache(config=config)
         full = layer(hidden, rotary, attention_mask=mask, past_key_values=full_cache)
-        last = layer(hidden, rotary, attention_mask=mask, past_key_values=last_cache, only_last_position=True)
+        last = layer(hidden, rotary, attention_mask=mask, past_key_values=last_cache,
+                     output_rows=OutputRows.last_position(hidden))
+        some = layer(hidden, rotary, attention_mask=mask, output_rows=OutputRows(chosen, causal))
     assert last.shape == (2, 1, 64)
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
     assert torch.equal(last_cache.layers[0].keys, full_cache.layers[0].keys)
     assert torch.equal(last_cache.layers[0].values, full_cache.layers[0].values)
+    assert some.shape == (2, 3, 64)
+    for row in range(2):
+        assert torch.allclose(some[row], full[row, chosen[row]], atol=1e-5)
+    with pytest.raises(ValueError, match="attention mask"):
+        OutputRows(chosen)
 
 
 def rope_reference(positions, dim, base):

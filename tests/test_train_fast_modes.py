@@ -67,8 +67,26 @@ def test_supervised_logits_only_matches_the_full_logits(setup):
     for name, grad in reference_grads.items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-8), name
-    output = model(**batch, logits_for_labels_only=True)
-    assert output.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+
+def test_supervised_logits_compute_the_last_layer_at_the_supervised_rows_only(setup):
+    """Nothing reads the last decoder layer's other rows: its attention output, MLP and the LM head run at the
+    supervised positions only (R slots a sequence, the most of any sequence), the other layers at every row."""
+    model, batch, _ = setup
+    layers = model.language_model.get_base_model().model.layers
+    rows_seen = []
+    hooks = [layer.feed_forward.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[1]))
+             for layer in layers]
+    try:
+        output = model(**batch, logits_for_labels_only=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    slots = int((batch["labels"][:, 1:] != -100).sum(dim=1).max())
+    length = batch["input_ids"].shape[1]
+    assert rows_seen == [length] * (len(layers) - 1) + [slots] and slots < length
+    assert output.logits.shape == (batch["input_ids"].shape[0], slots, model.config.llm_config.vocab_size)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -104,21 +122,26 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(setup):
 
 
 def test_each_compiled_stack_is_one_graph(setup):
-    """All decoder layers of a step run one compiled graph, and so do all ViT layers: a second graph per stack
-    costs another compile of forward and backward (tens of seconds for a 2B model on a GPU) and, when its case
-    first appears mid-run, a stall. The first decoder layer used to get a view of the embeddings as input, a
-    guarded difference from the other layers."""
+    """All decoder layers of a step but the last run one compiled graph, and so do all ViT layers; the last
+    decoder layer, which computes the supervised rows only, is the third graph. Another graph costs another
+    compile of forward and backward (tens of seconds for a 2B model on a GPU) and, when its case first appears
+    mid-run, a stall; so batches of other lengths and other numbers of supervised rows add none. The first
+    decoder layer used to get a view of the embeddings as input, a guarded difference from the other layers."""
     from torch._dynamo.utils import counters
 
     model, _, dataset = setup
     groups = dataset.datasets[0].image_groups()
     batch = shared_image_collator([[dataset[i] for i in group[:3]] for group in groups[:2]])
+    other = shared_image_collator([[dataset[i] for i in group[:2]] for group in groups[1:3]])
+    assert other["input_ids"].shape != batch["input_ids"].shape
     compiled = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled.compile_blocks()
     graphs_before = counters["stats"]["unique_graphs"]
     loss_and_grads(compiled, batch, logits_for_labels_only=True)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2  # one for the ViT layers, one for the LLM's
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3  # the ViT layers, the LLM's, its last layer
+    loss_and_grads(compiled, other, logits_for_labels_only=True)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
 
 
 def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
@@ -133,7 +156,7 @@ def test_trainer_passes_the_fast_loss_flag(setup, tmp_path):
         loss, outputs = fast.compute_loss(model, dict(batch), return_outputs=True)
         reference = model(**batch).loss
     assert torch.allclose(loss, reference, rtol=1e-6)
-    assert outputs.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum())  # the fast path ran
+    assert outputs.logits.shape[1] == int((batch["labels"][:, 1:] != -100).sum(dim=1).max())  # the fast path ran
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -157,13 +180,15 @@ def test_shared_image_sequences_match_per_caption_batches(setup, attn):
         assert grouped["input_ids"].shape[1] < sum(len(item["input_ids"]) for item in first)
         assert grouped["input_ids"].shape[1] % MASK_LENGTH_MULTIPLE == 0  # one compiled graph for every batch
         grouped_loss, grouped_grads = loss_and_grads(model, grouped)
-        fast_loss, _ = loss_and_grads(model, grouped, logits_for_labels_only=True)
+        fast_loss, fast_grads = loss_and_grads(model, grouped, logits_for_labels_only=True)
     finally:
         model.config.llm_config._attn_implementation = previous
     assert torch.allclose(grouped_loss, reference_loss, rtol=1e-5)
     assert torch.allclose(fast_loss, reference_loss, rtol=1e-5)
     for name, grad in reference_grads.items():
         assert torch.allclose(grouped_grads[name], grad, rtol=1e-3, atol=1e-7), name
+        # the last layer at the captions' supervised rows, under those rows of the block mask
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-3, atol=1e-7), name
 
 
 def test_shared_image_padding_to_fewer_shapes_changes_nothing(setup):
@@ -359,7 +384,8 @@ def test_flex_attention_trains_like_sdpa_on_cuda(setup, short_split_head, compil
 
 def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
     """A right-padded per-caption batch reaches SDPA without a mask, so SDPA runs its causal kernel: the pads'
-    position ids (0 from the collator) must not make transformers build a packed-sequence mask."""
+    position ids (0 from the collator) must not make transformers build a packed-sequence mask. (The last
+    layer's few supervised rows take a mask of their own.)"""
     import torch.nn.functional as F
 
     model, batch, _ = setup
@@ -374,8 +400,10 @@ def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
     assert (batch["position_ids"][~batch["attention_mask"]] == 0).all()  # padded with 0, as the original
     with torch.no_grad():
         model(**batch, logits_for_labels_only=True)
-    length = batch["input_ids"].shape[1]
-    assert calls == [(length, length, False, True)] * model.config.llm_config.num_hidden_layers
+    length, layers = batch["input_ids"].shape[1], model.config.llm_config.num_hidden_layers
+    slots = int((batch["labels"][:, 1:] != -100).sum(dim=1).max())
+    # the last layer: its supervised rows only, under their mask
+    assert calls == [(length, length, False, True)] * (layers - 1) + [(slots, length, True, False)]
 
 
 def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypatch):
@@ -525,6 +553,8 @@ def test_packed_rows_give_flash_attention_the_sample_boundaries(setup, varlen_sp
     model.config.llm_config._attn_implementation = "flash_attention_varlen_spy"
     loss, grads = loss_and_grads(model, packed, logits_for_labels_only=True)
     layers = model.config.llm_config.num_hidden_layers
+    if llm == "internlm2":  # its last layer: the supervised rows only, through SDPA under their own mask
+        layers -= 1
     assert varlen_spy == [(None, packed["max_seq_len"], packed["max_seq_len"])] * layers
     assert torch.allclose(loss, reference_loss, rtol=1e-5)
     for name, grad in reference_grads.items():

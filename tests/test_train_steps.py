@@ -190,3 +190,25 @@ def test_the_entry_point_refuses_a_pad_multiple_below_one(tmp_path):
     with pytest.raises(SystemExit, match="--pad_to_multiple_of must be 1 or more"):
         main(["--model_name_or_path", str(tmp_path / "model"), "--meta_path", str(tmp_path / "meta.json"),
               "--output_dir", str(tmp_path / "run"), "--pad_to_multiple_of", "0"])
+
+
+def test_flop_model_counts_the_last_layer_at_the_logit_positions_only():
+    """With the last layer computed at the supervised rows (InternLM2), a 2B step's count drops by that layer's
+    projections other than QKV (frozen and LoRA) at every other row: forward, activation and LoRA gradients."""
+    from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+    from internvl_chat.model.presets import preset_config_dict
+    from internvl_chat.train.flops import FlopModel
+
+    config = InternVLChatConfig(**preset_config_dict("InternVL2-2B"))
+    full = FlopModel.from_config(config, lora_rank=128)
+    truncated = FlopModel.from_config(config, lora_rank=128, last_layer_at_logits=True)
+    lengths, supervised = [1850, 1840], 30
+    skipped = sum(lengths) - supervised
+    # InternLM2-1.8B: hidden 2048, MLP 8192; wo and w1, w3, w2, and their r-128 adapters
+    frozen = 2048 * 2048 + 3 * 2048 * 8192
+    lora = 128 * ((2048 + 2048) + 2 * (2048 + 8192) + (8192 + 2048))
+    expected = 2 * 2 * skipped * (frozen + lora) + 2 * skipped * lora
+    assert full.llm_flops(lengths, supervised) - truncated.llm_flops(lengths, supervised) == expected
+    everywhere = len(lengths) * max(lengths)  # the faithful path's logits: every position of the padded batch
+    assert full.llm_flops(lengths, everywhere) == truncated.llm_flops(lengths, everywhere)
+    assert 0.03 < expected / full.llm_flops(lengths, supervised) < 0.04  # about 1/24 of the LLM's work

@@ -18,6 +18,8 @@ Modes (combine with '+'):
                      BlockMask whose empty blocks are skipped); CUDA only: PyTorch has no flex attention backward on
                      the CPU
   sdpa               the LLM's attention through SDPA (for shared_image: under the dense mask)
+  full_last_layer    with supervised_logits: the LLM's last layer at every row, not at the supervised rows only
+                     (what that saves)
 Without flex or sdpa the LLM's attention is the trainer's: flash attention where flash-attn imports, else SDPA;
 for shared_image the prefix split (flash attention takes no block mask), as with --group_by_image: SDPA's causal
 kernel up to the first caption's end, the other captions' rows under the mask (flex attention on a GPU).
@@ -58,7 +60,7 @@ from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 
 KNOWN_MODES = {"faithful", "supervised_logits", "no_checkpointing", "shared_image", "packed", "compile", "flex",
-               "sdpa"}
+               "sdpa", "full_last_layer"}
 
 
 def prepare(args, work: Path):
@@ -134,6 +136,7 @@ def set_up_mode(model, device, mode: set, lr: float):
     else:
         attention = requested or default_attn_implementation()
     model.config.llm_config._attn_implementation = attention
+    model.last_layer_at_supervised_rows = "full_last_layer" not in mode
     if "compile" in mode:
         # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it
         # needs, and the compiles counted in its timed steps are its own.
@@ -250,7 +253,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="faithful,supervised_logits,no_checkpointing,"
-                                           "supervised_logits+no_checkpointing,shared_image+supervised_logits,"
+                                           "supervised_logits+no_checkpointing,"
+                                           "supervised_logits+no_checkpointing+full_last_layer,"
+                                           "shared_image+supervised_logits,"
                                            "shared_image+supervised_logits+no_checkpointing,"
                                            "packed+supervised_logits+no_checkpointing,"
                                            "supervised_logits+no_checkpointing+compile,"
@@ -280,7 +285,6 @@ def main() -> None:
                      "undone): put the compiled modes last")
     with tempfile.TemporaryDirectory() as tmp:
         model, steps, device = prepare(args, Path(tmp))
-        flop_model = FlopModel.from_config(model.config, lora_rank=128)
         peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
         initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         rows = []
@@ -291,6 +295,9 @@ def main() -> None:
                         parameter.copy_(initial[name])
                         parameter.grad = None
             batches = mode_batches(steps, mode, device, args.length_multiple, args.pad_multiple)
+            flop_model = FlopModel.from_config(model.config, lora_rank=128,
+                                               last_layer_at_logits="full_last_layer" not in mode
+                                               and model.llm_takes_output_rows())
             rows.append(run_mode(model, batches, device, mode, args.warmup, flop_model, peak, args.lr))
     baseline, repeat_baseline = rows[0].get("captions_per_s"), rows[0].get("repeat_captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..model.conversation import IMG_CONTEXT_TOKEN, image_placeholder
+from ..model.modeling_internlm2 import OutputRows
 
 
 FAST_ATTENTION = "internvl_fast_decode"
@@ -159,10 +160,11 @@ class FastCaptioner:
         cache.decoding = False
         hidden = embeds
         last = len(decoder.layers) - 1
+        last_position = OutputRows.last_position(embeds)
         for index, layer in enumerate(decoder.layers):
             # the first token comes from the last position only: the last layer computes nothing else
             hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache,
-                           only_last_position=index == last)
+                           output_rows=last_position if index == last else None)
         return decoder.norm(hidden[:, -1])
 
     def _greedy_choice(self, hidden, state):

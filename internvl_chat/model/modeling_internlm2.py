@@ -6,6 +6,7 @@ adapters trained on the fused matrix load unchanged. RoPE is the rotate-half (Ne
 or dynamic-NTK scaling. Attention goes through transformers' dispatch table (eager / sdpa / flash / flex).
 """
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -29,6 +31,38 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean cross-entropy of position t predicting label t+1 (labels are not shifted; -100 is ignored)."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1).to(logits.device))
+
+
+@dataclass
+class OutputRows:
+    """The positions whose outputs are read from the last decoder layer: positions [B, R], one row of R per
+    sequence, and the boolean attention mask of those queries, [B, 1, R, L] (True: may attend). The last layer
+    computes keys and values at every position (the cache and the attention need them) and everything else at
+    these R rows only. mask=None means each row may attend to every key, which holds for the last position of a
+    causal prefill only."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.mask is None and self.positions.shape[1] != 1:
+            raise ValueError("OutputRows of more than one position per sequence need their attention mask")
+
+    @classmethod
+    def last_position(cls, hidden_states: torch.Tensor) -> "OutputRows":
+        batch, length = hidden_states.shape[:2]
+        return cls(torch.full((batch, 1), length - 1, dtype=torch.long, device=hidden_states.device))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return gather_rows(tensor, self.positions)
+
+
+def gather_rows(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tensor [B or 1, L, ...] -> [B, R, ...] at positions [B, R]."""
+    batch, rows = positions.shape
+    tensor = tensor.expand(batch, *tensor.shape[1:])
+    index = positions.view(batch, rows, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return tensor.gather(1, index)
 
 
 class InternLM2RotaryEmbedding(nn.Module):
@@ -111,25 +145,26 @@ class InternLM2Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        only_last_position: bool = False,
+        output_rows: OutputRows | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """only_last_position: keys and values of every position (for the cache), the output of the last one
-        only (a prefill's last layer, whose other positions nothing reads)."""
+        """With output_rows: keys and values of every position, the output [B, R, hidden] of those rows only."""
         batch, length, _ = hidden_states.shape
         q, k, v = self.split_qkv(self.wqkv(hidden_states))
         cos, sin = position_embeddings
         cos_q, sin_q = cos, sin
-        if only_last_position:
-            q, cos_q, sin_q, length = q[:, :, -1:], cos[:, -1:], sin[:, -1:], 1
-            if attention_mask is not None:
-                attention_mask = attention_mask[..., -1:, :]
-        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if output_rows is not None:
+            q = output_rows.gather(q.transpose(1, 2)).transpose(1, 2)
+            cos_q, sin_q, length = output_rows.gather(cos), output_rows.gather(sin), output_rows.positions.shape[1]
+            attention_mask = output_rows.mask
+            if attention_mask is not None:  # a dense mask of a few rows, which not every backend takes
+                attention = sdpa_attention_forward
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
         out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.wo(out.reshape(batch, length, -1))
 
@@ -148,13 +183,13 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        only_last_position: bool = False,
+        output_rows: OutputRows | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attended = self.attention(self.attention_norm(hidden_states), position_embeddings, attention_mask,
-                                  past_key_values, only_last_position=only_last_position, **kwargs)
-        if only_last_position:
-            hidden_states = hidden_states[:, -1:]
+                                  past_key_values, output_rows=output_rows, **kwargs)
+        if output_rows is not None:
+            hidden_states = output_rows.gather(hidden_states)
         hidden_states, normed = add_then_norm(hidden_states, attended, None, self.ffn_norm)
         return hidden_states + self.feed_forward(normed)
 
@@ -170,6 +205,8 @@ class InternLM2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The decoder's forward takes output_rows: its last layer then computes only the rows read afterwards.
+    supports_output_rows = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -207,8 +244,11 @@ class InternLM2Model(InternLM2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_rows: OutputRows | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """output_rows: last_hidden_state holds only those rows, [B, R, hidden] (the last layer computes no other
+        row; see OutputRows)."""
         # transformers >= 5.24 passes the cache as `cache`; accept both names.
         past_key_values = kwargs.pop("cache", past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -237,7 +277,8 @@ class InternLM2Model(InternLM2PreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
@@ -245,6 +286,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
                 position_embeddings,
                 attention_mask=mask,
                 past_key_values=past_key_values if use_cache else None,
+                output_rows=output_rows if index == last else None,
                 position_ids=position_ids,
                 **kwargs,
             )

@@ -18,7 +18,7 @@ from transformers.utils import is_flash_attn_2_available
 from .configuration_internvl_chat import InternVLChatConfig
 from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
 from .modeling_intern_vit import InternVisionModel
-from .modeling_internlm2 import InternLM2ForCausalLM, causal_lm_loss
+from .modeling_internlm2 import InternLM2ForCausalLM, OutputRows, causal_lm_loss, gather_rows
 from .shared_image_attention import PREFIX_SPLIT_ATTENTION, block_mask_from_dense, split_mask
 
 LLM_CLASSES = {
@@ -102,6 +102,40 @@ def packed_causal_mask(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
     return mask[None, None]
 
 
+def supervised_rows(labels: torch.Tensor, attention_mask: torch.Tensor | None, cu_seq_lens: torch.Tensor | None,
+                    with_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The positions the loss reads (t, where label t + 1 is supervised) and their targets, [B, R] each: R slots
+    per sequence, R being the most any sequence has; a sequence's spare slots hold positions that are not
+    supervised, with target -100. With with_mask, also the slots' attention mask ([B, 1, R, L] boolean, as
+    OutputRows takes it), derived from the forward's mask as given: boolean [B or 1, 1, L, L], 2D padding, or
+    each sample's causal mask in a packed row."""
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    slots = max(int(supervised.sum(dim=1).max()), 1)  # a host wait: the slots' shapes depend on it
+    positions = torch.sort((~supervised).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
+    slot_targets = targets.gather(1, positions)
+    if not with_mask:
+        return positions, slot_targets, None
+    length = labels.shape[1]
+    keys = torch.arange(length, device=labels.device)
+    own = keys[None, None, :] == positions[:, :, None]
+    causal = keys[None, None, :] <= positions[:, :, None]
+    if cu_seq_lens is not None:
+        sample = torch.searchsorted(cu_seq_lens[1:], keys, right=True)
+        allowed = causal & (sample[positions][..., None] == sample[None, None, :])
+    elif attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, 0].expand(positions.shape[0], -1, -1)
+        rows = rows.gather(1, positions[:, :, None].expand(-1, -1, length))
+        allowed = rows if rows.dtype == torch.bool else rows == 0  # boolean, or additive 0 / -inf
+    elif attention_mask is not None:
+        allowed = causal & attention_mask.bool()[:, None, :]
+    else:
+        allowed = causal
+    # A spare slot's position may see no key at all (a pad); seeing itself keeps its discarded output finite,
+    # which matters: 0 x NaN in the backward would still be NaN.
+    return positions, slot_targets, (allowed | own)[:, None]
+
+
 def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Right padding's position ids continued one by one from the last real token. The collator pads them with 0,
     and transformers reads a position that restarts as the start of another packed sequence: it then builds a
@@ -127,6 +161,9 @@ class InternVLChatModel(PreTrainedModel):
     _supports_flex_attn = True
     # forward() computes its own mean loss: Trainer must not rescale it by the number of items (ENVIRONMENT §2.4).
     accepts_loss_kwargs = False
+    # The supervised-logits loss computes the LLM's last layer at the supervised rows only, where the LLM can
+    # (llm_takes_output_rows); False computes it at every row, as before (the same loss: for measuring the gain).
+    last_layer_at_supervised_rows = True
 
     def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None, use_flash_attn=None):
         requested_attn = config._attn_implementation
@@ -281,7 +318,7 @@ class InternVLChatModel(PreTrainedModel):
     ) -> CausalLMOutputWithPast | tuple:
         """With labels and logits_for_labels_only, the LM head runs only where a label is supervised (about 15 of
         ~1,850 positions of a COCO sample): the same loss and gradients, without the full-vocabulary logits
-        everywhere; `logits` then holds just those rows, [supervised tokens, vocab].
+        everywhere; `logits` then holds just those rows, [batch, R, vocab] in the slots of supervised_rows.
         cu_seq_lens and max_seq_len describe a packed row (data.collator.packed_collator): several samples in one
         sequence, each attending to itself only."""
         past_key_values = kwargs.pop("cache", past_key_values)
@@ -289,14 +326,19 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
+        loss_rows = None
+        if labels is not None and logits_for_labels_only:
+            # right after embed_with_images' own host wait, when the GPU's queue is short
+            loss_rows = supervised_rows(labels.to(inputs_embeds.device), attention_mask, cu_seq_lens,
+                                        with_mask=self.llm_takes_output_rows())
         attention_kwargs = {}
         if cu_seq_lens is not None:
             attention_mask, attention_kwargs = self._packed_attention_inputs(cu_seq_lens, max_seq_len,
                                                                              inputs_embeds.shape[1])
         attention_mask, position_ids = self._attention_inputs_for_backend(
             attention_mask, position_ids, inputs_embeds.dtype, past_key_values)
-        if labels is not None and logits_for_labels_only:
-            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels, matched,
+        if loss_rows is not None:
+            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, *loss_rows, matched,
                                          attention_kwargs)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -361,15 +403,28 @@ class InternVLChatModel(PreTrainedModel):
                           "max_length_q": max_seq_len, "max_length_k": max_seq_len}
         return packed_causal_mask(cu_seq_lens, length), {}
 
-    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, matched, attention_kwargs):
+    def _llm_decoder(self):
         llm = self.language_model
         llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a PEFT wrapper keeps its adapters
-        hidden = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False, return_dict=True, **attention_kwargs).last_hidden_state
-        targets = labels[:, 1:].to(hidden.device)
-        supervised = targets != -100
-        logits = llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
-        loss = F.cross_entropy(logits, targets[supervised])
+        return llm.model
+
+    def llm_takes_output_rows(self) -> bool:
+        """Whether the supervised-logits loss computes the LLM's last layer at the supervised rows only."""
+        return self.last_layer_at_supervised_rows and getattr(self._llm_decoder(), "supports_output_rows", False)
+
+    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, positions, targets, rows_mask, matched,
+                         attention_kwargs):
+        """The LM head and the loss at the supervised positions only. An LLM whose decoder takes output_rows
+        (InternLM2) computes its last layer only there too: nothing reads that layer's other rows."""
+        decoder = self._llm_decoder()
+        inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, return_dict=True, **attention_kwargs)
+        if rows_mask is not None:
+            hidden = decoder(**inputs, output_rows=OutputRows(positions, rows_mask)).last_hidden_state
+        else:
+            hidden = gather_rows(decoder(**inputs).last_hidden_state, positions)
+        logits = self.language_model.get_output_embeddings()(hidden).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # the spare slots' -100 are ignored
         if not matched:
             loss = loss * 0.0
         return CausalLMOutputWithPast(loss=loss, logits=logits)

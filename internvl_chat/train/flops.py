@@ -32,9 +32,15 @@ class FlopModel:
     vocab_size: int
     lora_params: int  # per token: sum over targeted linears of r * (in + out)
     llm_trainable: bool  # full fine-tuning of the LLM
+    # The last decoder layer's rows after its QKV projection are computed at the logit positions only
+    # (InternVLChatModel.llm_takes_output_rows); then that layer's other projections count at those rows.
+    last_layer_at_logits: bool = False
+    qkv_params: int = 0  # per layer: the QKV projection
+    qkv_lora_params: int = 0  # per layer: its LoRA adapter
 
     @classmethod
-    def from_config(cls, config, lora_rank: int = 0, llm_trainable: bool = False) -> "FlopModel":
+    def from_config(cls, config, lora_rank: int = 0, llm_trainable: bool = False,
+                    last_layer_at_logits: bool = False) -> "FlopModel":
         vision, llm = config.vision_config, config.llm_config
         hidden, inter = llm.hidden_size, llm.intermediate_size
         kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
@@ -51,6 +57,8 @@ class FlopModel:
             llm_hidden=hidden, llm_matmul_params=llm.num_hidden_layers * per_layer,
             llm_layers=llm.num_hidden_layers, vocab_size=llm.vocab_size,
             lora_params=llm.num_hidden_layers * lora, llm_trainable=llm_trainable,
+            last_layer_at_logits=last_layer_at_logits, qkv_params=hidden * qkv_out,
+            qkv_lora_params=lora_rank * (hidden + qkv_out),
         )
 
     def vision_flops(self, tiles: int) -> float:
@@ -66,9 +74,15 @@ class FlopModel:
         forward = 2 * tokens * (self.llm_matmul_params + self.lora_params)
         forward += sum(2 * n * n * self.llm_hidden for n in sequence_lengths) * self.llm_layers  # causal QK^T + AV
         forward += 2 * logit_positions * self.llm_hidden * self.vocab_size
+        skipped = max(tokens - logit_positions, 0) if self.last_layer_at_logits else 0
+        last_layer_rest = self.llm_matmul_params // self.llm_layers - self.qkv_params
+        last_layer_lora_rest = self.lora_params // self.llm_layers - self.qkv_lora_params
+        forward -= 2 * skipped * (last_layer_rest + last_layer_lora_rest)  # (its attention's rows: left in, ~0.1%)
         if not backward:
             return forward
-        weight_grads = 2 * tokens * (self.llm_matmul_params if self.llm_trainable else 0) + 2 * tokens * self.lora_params
+        weight_grads = 2 * (tokens * self.lora_params - skipped * last_layer_lora_rest)
+        if self.llm_trainable:
+            weight_grads += 2 * (tokens * self.llm_matmul_params - skipped * last_layer_rest)
         return 2 * forward + weight_grads  # activation gradients ~ forward, plus weight gradients
 
     def train_step_flops(self, tiles: int, sequence_lengths: list[int], logit_positions: int) -> float:

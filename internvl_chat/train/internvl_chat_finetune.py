@@ -236,7 +236,8 @@ def main(argv: list[str]) -> None:
             lengths = [n for part in dataset.datasets for n in part.estimated_lengths()]
 
     flop_model = FlopModel.from_config(model.config, lora_rank=model_args.use_llm_lora,
-                                       llm_trainable=not model_args.freeze_llm and not model_args.use_llm_lora)
+                                       llm_trainable=not model_args.freeze_llm and not model_args.use_llm_lora,
+                                       last_layer_at_logits=model.llm_takes_output_rows())
     peak = run_args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
     training_args.remove_unused_columns = False  # every item key is a forward argument
     set_seed(training_args.seed)

@@ -5,8 +5,8 @@
 #   sh tools/gpu/train_modes_check.sh OUT_DIR     # faithful; per caption, padded and packed; grouped: split, flex, SDPA
 #   PICTURES=8 BATCH=8 MODES=faithful,supervised_logits+no_checkpointing+compile \
 #       sh tools/gpu/train_modes_check.sh OUT_DIR
-# Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), LENGTH_MULTIPLE, STEPS, WARMUP,
-# MODES, WORK, DEVICE, PYTHON. Pytest is installed from .whl/ when the machine lacks it (carry .whl). Leaves OUT_DIR/tests.txt,
+# Environment: PICTURES, BATCH (fast per-caption modes; the faithful mode keeps 4), LENGTH_MULTIPLE, PAD_MULTIPLE,
+# STEPS, WARMUP, MODES, TESTS (the tests' -k expression, or none), WORK, DEVICE, PYTHON. Pytest is installed from .whl/ when the machine lacks it (carry .whl). Leaves OUT_DIR/tests.txt,
 # OUT_DIR/benchmark_train.txt and OUT_DIR/benchmark_train.json.
 set -u
 out=${1:?usage: sh tools/gpu/train_modes_check.sh OUT_DIR}
@@ -17,16 +17,20 @@ grouped=shared_image+$per_caption
 MODES=${MODES:-faithful,$per_caption,packed+$per_caption,$grouped,flex+$grouped,sdpa+$grouped}  # grouped: prefix split
 mkdir -p "$out" "$work"
 
-if ! "$python" -c "import pytest" 2>/dev/null && [ -d .whl ]; then
-    "$python" -m pip install -q --no-index --find-links .whl pytest
+TESTS=${TESTS:-flex or split or packed}
+if [ "$TESTS" != none ]; then
+    if ! "$python" -c "import pytest" 2>/dev/null && [ -d .whl ]; then
+        "$python" -m pip install -q --no-index --find-links .whl pytest
+    fi
+    "$python" -m pytest -q -p no:cacheprovider tests/test_train_fast_modes.py -k "$TESTS" > "$out/tests.txt" 2>&1
+    tail -n 3 "$out/tests.txt"
 fi
-"$python" -m pytest -q -p no:cacheprovider tests/test_train_fast_modes.py -k "flex or split or packed" > "$out/tests.txt" 2>&1
-tail -n 3 "$out/tests.txt"
 
 if [ ! -f "$work/InternVL2-2B/config.json" ]; then
     "$python" tools/make_tiny_model.py "$work/InternVL2-2B" --like InternVL2-2B --device cuda
 fi
 "$python" tools/benchmark_train.py --model "$work/InternVL2-2B" --device "${DEVICE:-cuda}" --faithful-batch 4 --batch "${BATCH:-4}" \
-    --pictures "${PICTURES:-4}" --length-multiple "${LENGTH_MULTIPLE:-8}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
+    --pictures "${PICTURES:-4}" --length-multiple "${LENGTH_MULTIPLE:-8}" \
+    --pad-multiple "${PAD_MULTIPLE:-16}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
     --json "$out/benchmark_train.json" > "$out/benchmark_train.txt" 2>&1
 grep -E "^\||^warning" "$out/benchmark_train.txt"
