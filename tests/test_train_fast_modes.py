@@ -206,8 +206,8 @@ def test_shared_image_padding_to_fewer_shapes_changes_nothing(setup):
 
 
 def test_per_caption_padding_to_fewer_lengths_changes_nothing(setup):
-    """The launcher's default --pad_to_multiple_of 16 (fewer distinct lengths, fewer cuDNN plans): the trainer's
-    collator pads further on the right and drops the mask; loss and gradients are the original padding's."""
+    """--pad_to_multiple_of 16 (fewer distinct lengths, fewer cuDNN plans): the trainer's collator pads further on
+    the right and drops the mask; loss and gradients are the original padding's, which is the default."""
     from functools import partial
 
     from internvl_chat.data.collator import PAD_LENGTH_MULTIPLE
@@ -216,10 +216,12 @@ def test_per_caption_padding_to_fewer_lengths_changes_nothing(setup):
     model, _, dataset = setup
     items = [dataset[i] for i in (0, 5, 9)]
     original = concat_pad_data_collator(items)
-    collate = TrainingCollator(partial(concat_pad_data_collator, length_multiple=PAD_LENGTH_MULTIPLE))
+    assert concat_pad_data_collator(items, length_multiple=PAD_LENGTH_MULTIPLE)["input_ids"].shape == \
+        original["input_ids"].shape  # the default pads as the original: to the longest sample
+    collate = TrainingCollator(partial(concat_pad_data_collator, length_multiple=16))
     rounded = {key: value for key, value in collate(items).items() if key != COUNTS_KEY}
     length = rounded["input_ids"].shape[1]
-    assert length % PAD_LENGTH_MULTIPLE == 0 and length > original["input_ids"].shape[1]
+    assert length % 16 == 0 and length > original["input_ids"].shape[1]
     assert "attention_mask" not in rounded  # right padding: no mask, as the trainer runs it
     assert_same_loss_and_grads(model, original, rounded)
     with pytest.raises(ValueError, match=">= 1"):

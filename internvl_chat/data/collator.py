@@ -12,12 +12,13 @@ COLLATOR_PAD_ID = 0
 # unaligned lengths, and compiling it when such a batch first appears, mid-run, stalls training for tens of
 # seconds (H100, 2026-11-28).
 MASK_LENGTH_MULTIPLE = 8
-# The launcher pads batches to a multiple of this (--pad_to_multiple_of; the original: to the longest sample). A
-# batch's length changes from micro-batch to micro-batch with its longest caption, and cuDNN's attention builds an
-# execution plan for each length it has not seen: 137 ms forward + backward at InternVL2-2B's shape on an H200
-# (tools/gpu/attention_shapes_check.py), a sixth of a per-caption optimizer step there. Rounding up to 16 costs 7.5
-# pad tokens a row on average (0.4% of a COCO sample) and leaves a sixteenth of the distinct lengths.
-PAD_LENGTH_MULTIPLE = 16
+# The launcher pads batches to a multiple of this (--pad_to_multiple_of), by default to the longest sample as the
+# original does. A larger multiple leaves fewer distinct lengths, so cuDNN's attention builds fewer execution plans
+# (137 ms forward + backward for each new length at InternVL2-2B's shape on an H200,
+# tools/gpu/attention_shapes_check.py), but those are paid once per length, while the steady state measured
+# slower: 22.97 captions/s padded to 16 against 24.15 and 24.01 to the longest, in alternating processes on one
+# H200 (tools/benchmark_train.py, 2026-12-01). A long run is its steady state.
+PAD_LENGTH_MULTIPLE = 1
 
 
 def round_up(length: int, multiple: int) -> int:

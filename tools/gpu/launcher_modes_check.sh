@@ -6,7 +6,8 @@
 #   RUNS="per_caption grouped" STEPS=24 PROFILE=20,22 LIMIT=240 sh tools/gpu/launcher_modes_check.sh OUT_DIR
 #   RUNS=per_caption PROFILE=none TAG=_one_plan TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 sh tools/gpu/launcher_modes_check.sh OUT
 # Environment: RUNS (any of faithful per_caption grouped packed), STEPS, PROFILE (FIRST,LAST, or none), LIMIT
-# (seconds per run; a run stopped there keeps its logs), TAG (appended to each run's name), PYTHON; the runs inherit
+# (seconds per run; a run stopped there keeps its logs), TAG (appended to each run's name), EXTRA (launcher flags
+# added to every run, e.g. "--pad_to_multiple_of 1"), PYTHON; the runs inherit
 # the rest of the environment. Carry .whl (DeepSpeed and its needs). Leaves the table in
 # OUT_DIR/launcher_table.md and every run's logs in OUT_DIR/launcher_logs.tar.gz, written again after each run (the
 # device tool returns a few files only, and a command stopped at its limit returns what $OUT has by then).
@@ -32,6 +33,7 @@ for run in $RUNS; do
     name=$run${TAG:-}
     profile_flags=""
     [ "$PROFILE" = none ] || profile_flags="--profile_steps $PROFILE"
+    flags="$flags ${EXTRA:-}"
     echo "[launcher_modes_check] $name: $flags $profile_flags"
     # A process group of its own, so that a run past LIMIT is stopped with all its processes (torchrun, the
     # ranks, the loader workers): `timeout` would signal the shell only, which waits for its child first.
