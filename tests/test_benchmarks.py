@@ -20,7 +20,8 @@ def test_benchmark_train_measures_every_mode(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [row["mode"] for row in rows] == [
         "faithful", "supervised_logits", "no_checkpointing", "no_checkpointing+supervised_logits",
-        "full_last_layer+no_checkpointing+supervised_logits", "shared_image+supervised_logits", "no_checkpointing+shared_image+supervised_logits",
+        "full_last_layer+no_checkpointing+supervised_logits", "shared_image+supervised_logits",
+        "no_checkpointing+shared_image+supervised_logits",
         "no_checkpointing+packed+supervised_logits", "compile+no_checkpointing+supervised_logits",
         "compile+no_checkpointing+shared_image+supervised_logits"]
     assert all(row["captions_per_s"] > 0 and row["repeat_captions_per_s"] > 0 and row["tokens_per_s"] > 0

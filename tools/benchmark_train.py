@@ -136,7 +136,6 @@ def set_up_mode(model, device, mode: set, lr: float):
     else:
         attention = requested or default_attn_implementation()
     model.config.llm_config._attn_implementation = attention
-    model.last_layer_at_supervised_rows = "full_last_layer" not in mode
     if "compile" in mode:
         # Each compiled mode starts without graphs, as in a training run of its own: its warm-up compiles what it
         # needs, and the compiles counted in its timed steps are its own.
@@ -295,9 +294,9 @@ def main() -> None:
                         parameter.copy_(initial[name])
                         parameter.grad = None
             batches = mode_batches(steps, mode, device, args.length_multiple, args.pad_multiple)
+            model.last_layer_at_supervised_rows = "full_last_layer" not in mode
             flop_model = FlopModel.from_config(model.config, lora_rank=128,
-                                               last_layer_at_logits="full_last_layer" not in mode
-                                               and model.llm_takes_output_rows())
+                                               last_layer_at_logits=model.llm_takes_output_rows())
             rows.append(run_mode(model, batches, device, mode, args.warmup, flop_model, peak, args.lr))
     baseline, repeat_baseline = rows[0].get("captions_per_s"), rows[0].get("repeat_captions_per_s")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

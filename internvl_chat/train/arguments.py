@@ -65,8 +65,8 @@ class DataTrainingArguments:
         "help": "padded batches: their length rounded up to a multiple of this (1, the default: the longest "
                 "sample's, as the original). The loss is the same (right pads are never attended to by a real token "
                 "nor trained on); a larger multiple means fewer one-time per-length costs (cuDNN's attention builds "
-                "an execution plan for every new length, ~137 ms on an H200), but 16 measured 5% slower in the "
-                "steady state"})
+                "an execution plan for every new length, ~137 ms on an H200), but 16 measured 4.6% slower in the "
+                "steady state (docs/PERFORMANCE.md)"})
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})
 
 
