@@ -6,8 +6,9 @@ from transformers import DynamicCache
 
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internlm2 import (InternLM2Attention, InternLM2DecoderLayer,
-                                                 InternLM2RotaryEmbedding, OutputRows)
+from internvl_chat.model.modeling_internlm2 import (ROWS_MASK_KEY_MULTIPLE, InternLM2Attention,
+                                                 InternLM2DecoderLayer, InternLM2RotaryEmbedding, OutputRows,
+                                                 pad_keys_past_length)
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
 from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
@@ -52,8 +53,9 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
         assert torch.equal(v[0, g, 0], rows[base + 3 * hd: base + 4 * hd])
 
 
+@pytest.mark.parametrize("length", [9, 16])  # the rows' keys padded past an unaligned and an aligned length
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention):
+def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention, length):
     """output_rows: keys and values of every position (the cache), the layer's output at the given rows only,
     equal to the full layer's there: the last position of a prefill, or any rows under their causal mask."""
     config = InternLM2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -61,12 +63,12 @@ def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention):
     config._attn_implementation = attention
     torch.manual_seed(0)
     layer = InternLM2DecoderLayer(config, 0).eval()
-    hidden = torch.randn(2, 9, 64)
-    positions = torch.arange(9)[None]
+    hidden = torch.randn(2, length, 64)
+    positions = torch.arange(length)[None]
     rotary = InternLM2RotaryEmbedding(config)(hidden, positions)
-    mask = torch.full((9, 9), float("-inf")).triu(1)[None, None] if attention == "eager" else None
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None] if attention == "eager" else None
     chosen = torch.tensor([[2, 5, 8], [0, 7, 7]])
-    causal = (torch.arange(9)[None, None, :] <= chosen[:, :, None])[:, None]
+    causal = (torch.arange(length)[None, None, :] <= chosen[:, :, None])[:, None]
     with torch.no_grad():
         full_cache, last_cache = DynamicCache(config=config), DynamicCache(config=config)
         full = layer(hidden, rotary, attention_mask=mask, past_key_values=full_cache)
@@ -82,6 +84,20 @@ def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention):
         assert torch.allclose(some[row], full[row, chosen[row]], atol=1e-5)
     with pytest.raises(ValueError, match="attention mask"):
         OutputRows(chosen)
+
+
+@pytest.mark.parametrize("length, padded", [(7, 8), (8, 16), (9, 16)])
+def test_output_rows_keys_are_padded_past_the_length_to_an_aligned_one(length, padded):
+    """The rows' keys, values and mask grow to a multiple of 8 that is always larger than the length (one
+    expression for every length, so one compiled graph), the extra keys zero and hidden from every row."""
+    k, v = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+    mask = torch.rand(2, 1, 5, length) > 0.5
+    padded_k, padded_v, padded_mask = pad_keys_past_length(k, v, mask)
+    assert padded == ROWS_MASK_KEY_MULTIPLE * (length // ROWS_MASK_KEY_MULTIPLE + 1)
+    assert padded_k.shape == padded_v.shape == (2, 3, padded, 4) and padded_mask.shape == (2, 1, 5, padded)
+    assert torch.equal(padded_k[:, :, :length], k) and torch.equal(padded_v[:, :, :length], v)
+    assert torch.equal(padded_mask[..., :length], mask)
+    assert not padded_mask[..., length:].any() and not padded_k[:, :, length:].any()
 
 
 def rope_reference(positions, dim, base):

@@ -9,6 +9,7 @@ from internvl_chat.data.dataset import build_datasets
 from internvl_chat.data.preprocess import ConversationTokenizer
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 from internvl_chat.model import shared_image_attention
+from internvl_chat.model.modeling_internlm2 import ROWS_MASK_KEY_MULTIPLE
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, block_mask_attention
 from internvl_chat.model.shared_image_attention import PREFIX_SPLIT_ATTENTION, causal_head_length
 from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
@@ -404,8 +405,9 @@ def test_sdpa_gets_the_causal_kernel_not_a_dense_mask(setup, monkeypatch):
         model(**batch, logits_for_labels_only=True)
     length, layers = batch["input_ids"].shape[1], model.config.llm_config.num_hidden_layers
     slots = int((batch["labels"][:, 1:] != -100).sum(dim=1).max())
-    # the last layer: its supervised rows only, under their mask
-    assert calls == [(length, length, False, True)] * (layers - 1) + [(slots, length, True, False)]
+    # the last layer: its supervised rows only, under their mask, the keys padded past the length to a multiple of 8
+    padded = (length // ROWS_MASK_KEY_MULTIPLE + 1) * ROWS_MASK_KEY_MULTIPLE
+    assert calls == [(length, length, False, True)] * (layers - 1) + [(slots, padded, True, False)]
 
 
 def test_loader_workers_count_and_cast_for_the_trainer(setup, tmp_path, monkeypatch):

@@ -57,6 +57,23 @@ class OutputRows:
         return gather_rows(tensor, self.positions)
 
 
+# The output rows' dense mask reaches SDPA's fused kernels, which need its rows 8-aligned in memory. Left at the
+# sequence's length, torch.compile guards the last layer's graph on that length's alignment and compiles a second
+# graph when the other kind first appears, mid-run: seconds of stalled training (H200, 2026-12-02). So the keys
+# and the mask are padded past the length to a multiple of this, with keys that no row may see.
+ROWS_MASK_KEY_MULTIPLE = 8
+
+
+def pad_keys_past_length(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = ROWS_MASK_KEY_MULTIPLE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k, v [B, H_kv, L, hd] and the rows' mask [B, 1, R, L] -> the same with L' > L keys, L' a multiple of
+    `multiple`, the extra keys zero and masked out (the attention's result is unchanged). Always at least one
+    extra key, so that L' is the same expression of L for every length: an aligned L padding by zero would be a
+    different graph under torch.compile."""
+    extra = (k.shape[2] // multiple + 1) * multiple - k.shape[2]
+    return F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+
+
 def gather_rows(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """tensor [B or 1, L, ...] -> [B, R, ...] at positions [B, R]."""
     batch, rows = positions.shape
@@ -165,6 +182,8 @@ class InternLM2Attention(nn.Module):
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if output_rows is not None and attention_mask is not None:
+            k, v, attention_mask = pad_keys_past_length(k, v, attention_mask)
         out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.wo(out.reshape(batch, length, -1))
 

@@ -31,6 +31,6 @@ if [ ! -f "$work/InternVL2-2B/config.json" ]; then
 fi
 "$python" tools/benchmark_train.py --model "$work/InternVL2-2B" --device "${DEVICE:-cuda}" --faithful-batch 4 --batch "${BATCH:-4}" \
     --pictures "${PICTURES:-4}" --length-multiple "${LENGTH_MULTIPLE:-8}" \
-    --pad-multiple "${PAD_MULTIPLE:-16}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
+    --pad-multiple "${PAD_MULTIPLE:-1}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "$MODES" \
     --json "$out/benchmark_train.json" > "$out/benchmark_train.txt" 2>&1
 grep -E "^\||^warning" "$out/benchmark_train.txt"
