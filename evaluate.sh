@@ -3,7 +3,7 @@
 #   GPUS=4 sh evaluate.sh pretrained/InternVL2-2B caption-coco --dynamic
 #   GPUS=4 sh evaluate.sh work_dirs/internvl_chat_v2_0/<run> caption-coco --dynamic --batch-size 16
 # Tasks: caption-coco, caption-flickr30k, caption-nocaps, caption (all three). Options go to
-# internvl_chat/eval/evaluate_caption.py (--dynamic, --max-num, --num-beams, --temperature, --out-dir, --seed,
+# internvl_chat/eval/evaluate_caption.py (--dynamic, --max-dynamic-patch, --num-beams, --temperature, --out-dir, --seed,
 # --auto, --batch-size, --data-root, --spice, --skip-scoring). Environment: GPUS [8] (processes; CPU processes
 # on a machine without GPU), MASTER_PORT [63669], TORCHRUN, PYTHON. The checkpoint path may be relative or absolute.
 set -eu

@@ -1,20 +1,85 @@
-import os
+"""Fixtures shared by the test modules. Everything a test reads is in this repository: the reference facts under
+tests/fixtures/ (see its README), the rest built here (tiny checkpoints, tokenizers, a synthetic COCO)."""
+
+import socket
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout (developer machines and CI); overridable for other layouts.
-SHARED = Path(os.environ.get("INTERNVL_SHARED_DIR", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def free_port() -> int:
+    """A TCP port the OS reports free (bound to port 0), for torchrun's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.fail(f"reference data not found at {REFERENCE}; set INTERNVL_SHARED_DIR to the shared/ folder")
-    return REFERENCE
+    """Facts of the original implementation: key dumps, a tiny checkpoint it saved and its outputs."""
+    return FIXTURES / "reference"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from internvl_chat.synthetic.checkpoint import tokenizer_corpus
+    from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), tokenizer_corpus())
+
+
+@pytest.fixture(scope="session")
+def training_dataset(tmp_path_factory, tiny_tokenizer):
+    """Three synthetic COCO pictures (15 captions), tiled to at most 2 + 1 tiles of 224 px."""
+    from internvl_chat.data.dataset import build_datasets
+    from internvl_chat.data.preprocess import ConversationTokenizer
+    from internvl_chat.synthetic.coco import make_synthetic_coco
+
+    root = tmp_path_factory.mktemp("coco")
+    make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
+    encoder = ConversationTokenizer(tiny_tokenizer, "internlm2-chat", 64, 4096)  # 64 tokens per 224 px tile
+    return build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
+
+
+@pytest.fixture(scope="session")
+def training_items(training_dataset) -> list[dict]:
+    """Three captions of different pictures and lengths: a padded batch."""
+    return [training_dataset[i] for i in (0, 5, 9)]
+
+
+@pytest.fixture(scope="session")
+def make_lora_model(tiny_tokenizer):
+    """A tiny InternVL2 of an LLM family with LoRA (r 8, no dropout) on its LLM, B initialised away from zero as
+    after some training (so that A gets gradients too)."""
+    from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+    from internvl_chat.synthetic.checkpoint import tiny_config_dict
+
+    def make(llm: str = "internlm2"):
+        torch.manual_seed(0)
+        config = InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=len(tiny_tokenizer), image_size=224))
+        model = InternVLChatModel(config)
+        model.img_context_token_id = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.02)
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lora_model(make_lora_model):
+    return make_lora_model()

@@ -1,4 +1,5 @@
 """Meta file -> datasets -> collated batches -> the model, with the documented behaviour on bad input."""
+
 import json
 import logging
 import warnings
@@ -20,9 +21,15 @@ from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
 PROMPT = "<image>\nProvide a one-sentence caption for the provided image."
 
 
+def datasets_of(meta, conversation_tokenizer, **options):
+    """build_datasets with the tutorial's tile limit unless a test sets another."""
+    return build_datasets(meta, conversation_tokenizer, **{"max_dynamic_patch": 6, **options})
+
+
 def line(image, caption, prompt=PROMPT):
-    return json.dumps({"image": image, "conversations": [{"from": "human", "value": prompt},
-                                                         {"from": "gpt", "value": caption}]})
+    return json.dumps(
+        {"image": image, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +40,28 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture
 def coco(tmp_path):
     (tmp_path / "train2014").mkdir()
-    for name, size, colour in [("a.jpg", (640, 480), "red"), ("b.jpg", (480, 640), "blue"),
-                               ("c.jpg", (300, 300), "green")]:
+    for name, size, colour in [
+        ("a.jpg", (640, 480), "red"),
+        ("b.jpg", (480, 640), "blue"),
+        ("c.jpg", (300, 300), "green"),
+    ]:
         Image.new("RGB", size, colour).save(tmp_path / "train2014" / name)
-    lines = [line("train2014/a.jpg", "a red picture."), line("train2014/a.jpg", "red everywhere."),
-             line("train2014/b.jpg", "a blue picture."), line("train2014/c.jpg", "a small green square."),
-             json.dumps({"conversations": [{"from": "human", "value": "Say hello."},
-                                           {"from": "gpt", "value": "Hello."}]}),
-             json.dumps({"image": ["train2014/a.jpg", "train2014/b.jpg"],
-                         "conversations": [{"from": "human", "value": "Compare the images."},
-                                           {"from": "gpt", "value": "One is red, one is blue."}]})]
+    lines = [
+        line("train2014/a.jpg", "a red picture."),
+        line("train2014/a.jpg", "red everywhere."),
+        line("train2014/b.jpg", "a blue picture."),
+        line("train2014/c.jpg", "a small green square."),
+        json.dumps({"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]}),
+        json.dumps(
+            {
+                "image": ["train2014/a.jpg", "train2014/b.jpg"],
+                "conversations": [
+                    {"from": "human", "value": "Compare the images."},
+                    {"from": "gpt", "value": "One is red, one is blue."},
+                ],
+            }
+        ),
+    ]
     annotation = tmp_path / "train.jsonl"
     annotation.write_text("\n".join(lines) + "\n")
     return tmp_path, annotation
@@ -50,8 +69,19 @@ def coco(tmp_path):
 
 def write_meta(folder, annotation, **entry):
     meta = folder / "meta.json"
-    meta.write_text(json.dumps({"synthetic": {"root": str(folder), "annotation": str(annotation),
-                                              "data_augment": False, "repeat_time": 1, **entry}}))
+    meta.write_text(
+        json.dumps(
+            {
+                "synthetic": {
+                    "root": str(folder),
+                    "annotation": str(annotation),
+                    "data_augment": False,
+                    "repeat_time": 1,
+                    **entry,
+                }
+            }
+        )
+    )
     return meta
 
 
@@ -86,7 +116,7 @@ def test_meta_options(tokenizer, coco):
     assert len(dataset) == 3
     assert dataset[0]["pixel_values"].shape[0] == 1  # 640x480 with at most 2 tiles -> (1,1); 7 with 6
     assert dataset[2]["pixel_values"].shape[0] == 3  # 480x640 -> (1,2) + thumbnail
-    assert len(build_datasets(write_meta(folder, annotation, repeat_time=2), encoder(tokenizer))) == 12
+    assert len(datasets_of(write_meta(folder, annotation, repeat_time=2), encoder(tokenizer))) == 12
 
 
 def test_bad_lines_are_skipped_and_reported_or_fatal_in_strict_mode(tokenizer, coco, caplog):
@@ -95,14 +125,14 @@ def test_bad_lines_are_skipped_and_reported_or_fatal_in_strict_mode(tokenizer, c
     lines.insert(1, "{this is not json")
     lines.insert(2, line("train2014/missing.jpg", "nothing."))
     annotation.write_text("\n".join(lines) + "\n")
-    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer))
+    dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer))
     with caplog.at_level(logging.WARNING):
         item = dataset[1]
     assert item["pixel_values"].shape[0] == 7  # fell through to line 4 (a.jpg again)
     assert f"{annotation}:2: not valid JSON" in caplog.text
     assert f"{annotation}:3: image not found" in caplog.text
     assert dataset.datasets[0].skipped == 2
-    strict = build_datasets(write_meta(folder, annotation), encoder(tokenizer), strict=True)
+    strict = datasets_of(write_meta(folder, annotation), encoder(tokenizer), strict=True)
     with pytest.raises(SampleError, match=f"{annotation}:2: not valid JSON"):
         strict[1]
     with pytest.raises(SampleError, match="missing.jpg"):
@@ -126,7 +156,7 @@ def test_collated_batch_trains_the_model(tokenizer, coco):
     folder, annotation = coco
     torch.manual_seed(0)
     model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(vocab_size=len(tokenizer))))
-    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer, model.num_image_token))
+    dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer, model.num_image_token))
     features = [dataset[0], dataset[3], dataset[4]]
     batch = concat_pad_data_collator(features)
     longest = max(len(f["input_ids"]) for f in features)
@@ -147,7 +177,7 @@ def test_collated_batch_trains_the_model(tokenizer, coco):
 def test_loader_with_workers_is_deterministic(tokenizer, coco):
     folder, annotation = coco
     meta = write_meta(folder, annotation, data_augment=True)
-    dataset = build_datasets(meta, encoder(tokenizer), seed=3)
+    dataset = datasets_of(meta, encoder(tokenizer), seed=3)
     runs = []
     for workers in (0, 2):
         loader = DataLoader(dataset, batch_size=2, num_workers=workers, collate_fn=concat_pad_data_collator)
@@ -161,7 +191,7 @@ def test_length_grouped_sampler():
     again = list(LengthGroupedSampler(4, 2, lengths, torch.Generator().manual_seed(0)))
     assert first == again and sorted(first) == list(range(64))
     for start in range(0, 64, 8):  # each megabatch: 2 chunks of 4, longest first overall, balanced totals
-        megabatch = first[start:start + 8]
+        megabatch = first[start : start + 8]
         chunk_a, chunk_b = megabatch[:4], megabatch[4:]
         assert max(lengths[i] for i in megabatch) in (lengths[chunk_a[0]], lengths[chunk_b[0]])
         total_a, total_b = sum(lengths[i] for i in chunk_a), sum(lengths[i] for i in chunk_b)
@@ -170,7 +200,7 @@ def test_length_grouped_sampler():
 
 def test_image_grouped_batches(tokenizer, coco):
     folder, annotation = coco
-    dataset = build_datasets(write_meta(folder, annotation), encoder(tokenizer)).datasets[0]
+    dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer)).datasets[0]
     groups = dataset.image_groups()
     assert [0, 1] in groups  # both captions of a.jpg
     ranks = [list(ImageGroupedBatchSampler(groups, 2, rank, 2, seed=1)) for rank in range(2)]
@@ -200,19 +230,22 @@ def test_length_grouped_sampler_keeps_whole_optimizer_steps():
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_grouped_loading_opens_each_picture_once_and_gives_the_same_batches(tokenizer, coco, monkeypatch, augment):
-    """PicturesOnceDataset (the grouped mode's loader): the same collated batches as item-by-item loading, with
+    """ImageGroupedDataset (the grouped mode's loader): the same collated batches as item-by-item loading, with
     each picture of a batch opened once instead of once per caption; a picture that cannot be opened falls back
     to item-by-item loading, which skips it as before."""
     from internvl_chat.data import dataset as dataset_module
-    from internvl_chat.data.collator import image_grouping_collator
-    from internvl_chat.data.dataset import PicturesOnceDataset, image_groups
+    from internvl_chat.data.collator import image_grouped_collator
+    from internvl_chat.data.dataset import ImageGroupedDataset, image_groups
 
     folder, annotation = coco
     lines = annotation.read_text().splitlines()
-    lines += [line("train2014/missing.jpg", "nothing."), line("train2014/missing.jpg", "nothing at all."),
-              line("train2014/b.jpg", "blue again.")]
+    lines += [
+        line("train2014/missing.jpg", "nothing."),
+        line("train2014/missing.jpg", "nothing at all."),
+        line("train2014/b.jpg", "blue again."),
+    ]
     annotation.write_text("\n".join(lines) + "\n")
-    dataset = build_datasets(write_meta(folder, annotation, data_augment=augment), encoder(tokenizer))
+    dataset = datasets_of(write_meta(folder, annotation, data_augment=augment), encoder(tokenizer))
     opened = []
     real_open = dataset_module.open_image
     monkeypatch.setattr(dataset_module, "open_image", lambda path: opened.append(path.name) or real_open(path))
@@ -220,11 +253,11 @@ def test_grouped_loading_opens_each_picture_once_and_gives_the_same_batches(toke
     def batches(source):
         opened.clear()
         sampler = ImageGroupedBatchSampler(image_groups(dataset), 3, seed=1)
-        loader = DataLoader(source, batch_sampler=sampler, collate_fn=image_grouping_collator)
+        loader = DataLoader(source, batch_sampler=sampler, collate_fn=image_grouped_collator)
         return list(loader), list(opened)
 
     plain, plain_opened = batches(dataset)
-    once, once_opened = batches(PicturesOnceDataset(dataset))
+    once, once_opened = batches(ImageGroupedDataset(dataset))
     assert len(plain) == len(once) == 2  # 6 pictures (text-only and the pair count as one each), 3 a batch
     for a, b in zip(plain, once):
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

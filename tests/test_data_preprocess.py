@@ -1,5 +1,6 @@
 """Template rendering, tokenization and the label mask, position by position, and against a restatement of
 the original counting on fully expanded strings."""
+
 import pytest
 import torch
 
@@ -36,13 +37,13 @@ def original_preprocess_internlm(tokenizer, conversations, tiles, max_len=4096):
     labels[0] = IGNORE_INDEX
     parts = text.split(template.roles[1])
     n = len(tokenizer(parts[0] + template.roles[1])["input_ids"]) - 1
-    labels[cur:cur + n] = [IGNORE_INDEX] * n
+    labels[cur : cur + n] = [IGNORE_INDEX] * n
     cur += n
     for part in parts[1:-1]:
         answer, user = part.split(template.roles[0])
         cur += len(tokenizer(answer)["input_ids"]) - 1
         n = len(tokenizer(template.roles[0] + user + template.roles[1])["input_ids"]) - 1
-        labels[cur:cur + n] = [IGNORE_INDEX] * n
+        labels[cur : cur + n] = [IGNORE_INDEX] * n
         cur += n
     cur += len(tokenizer(parts[-1])["input_ids"]) - 1
     labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
@@ -57,12 +58,12 @@ def test_position_by_position(tokenizer):
     ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
     tid = tokenizer.convert_tokens_to_ids
     system_and_user = tokenizer(
-        "<|im_start|>system\n" + get_conv_template("internlm2-chat").system_message + "<|im_end|>"
-        "<|im_start|>user\n")["input_ids"]
+        "<|im_start|>system\n" + get_conv_template("internlm2-chat").system_message + "<|im_end|><|im_start|>user\n"
+    )["input_ids"]
     assert ids[: len(system_and_user)] == system_and_user  # BOS + system turn + user header
     start = ids.index(tid("<img>"))
     assert start == len(system_and_user)
-    assert ids[start + 1: start + 1 + 3 * TOKENS_PER_TILE] == [tid("<IMG_CONTEXT>")] * (3 * TOKENS_PER_TILE)
+    assert ids[start + 1 : start + 1 + 3 * TOKENS_PER_TILE] == [tid("<IMG_CONTEXT>")] * (3 * TOKENS_PER_TILE)
     end = start + 1 + 3 * TOKENS_PER_TILE
     assert ids[end] == tid("</img>")
     answer_start = ids.index(tid("<|im_start|>"), end) + len(tokenizer("assistant\n")["input_ids"])
@@ -75,14 +76,25 @@ def test_position_by_position(tokenizer):
     assert sample.attention_mask.all() and sample.position_ids.tolist() == list(range(len(ids)))
 
 
-@pytest.mark.parametrize("conversations, tiles", [
-    (caption_sample(), [7]),
-    (caption_sample("A small green star in the top left corner of a white picture."), [1]),
-    ([{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red square."},
-      {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Red."},
-      {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "In the center."}], [5]),
-    ([{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there."}], []),
-])
+@pytest.mark.parametrize(
+    "conversations, tiles",
+    [
+        (caption_sample(), [7]),
+        (caption_sample("A small green star in the top left corner of a white picture."), [1]),
+        (
+            [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "A red square."},
+                {"from": "human", "value": "And its colour?"},
+                {"from": "gpt", "value": "Red."},
+                {"from": "human", "value": "Where is it?"},
+                {"from": "gpt", "value": "In the center."},
+            ],
+            [5],
+        ),
+        ([{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there."}], []),
+    ],
+)
 def test_equals_the_original_counting(tokenizer, conversations, tiles):
     encode = ConversationTokenizer(tokenizer, "internlm2-chat", TOKENS_PER_TILE, 4096)
     sample = encode(conversations, tiles)
@@ -90,7 +102,7 @@ def test_equals_the_original_counting(tokenizer, conversations, tiles):
     assert sample.input_ids.tolist() == ids
     assert sample.labels.tolist() == labels
     assert not sample.mismatch
-    supervised = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    supervised = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
     answers = [t["value"].strip() for t in conversations if t["from"] == "gpt"]
     assert tokenizer.decode(supervised) == "<|im_end|>".join(answers) + "<|im_end|>"
 
@@ -101,11 +113,14 @@ def test_a_leading_assistant_turn_is_dropped(tokenizer):
     assert torch.equal(encode(with_leading, [1]).input_ids, encode(caption_sample(), [1]).input_ids)
 
 
-@pytest.mark.parametrize("conversations, message", [
-    ([{"from": "human", "value": "<image>\nx"}, {"from": "human", "value": "y"}], "alternate"),
-    (caption_sample(caption="   "), "empty"),
-    ([], "no human turn"),
-])
+@pytest.mark.parametrize(
+    "conversations, message",
+    [
+        ([{"from": "human", "value": "<image>\nx"}, {"from": "human", "value": "y"}], "alternate"),
+        (caption_sample(caption="   "), "empty"),
+        ([], "no human turn"),
+    ],
+)
 def test_bad_conversations(tokenizer, conversations, message):
     encode = ConversationTokenizer(tokenizer, "internlm2-chat", TOKENS_PER_TILE, 4096)
     with pytest.raises(SampleError, match=message):

@@ -1,4 +1,5 @@
 """Tiling and tile transforms against an independent restatement of FORMAT.md §3."""
+
 import random
 
 import numpy as np
@@ -22,8 +23,10 @@ S = 448
 def restated_grid(width, height, min_num=1, max_num=6, size=S):
     """Among grids with the smallest |aspect - cols/rows|, the first in (tiles, cols) order wins unless a
     later tied grid has area > 0.5 * size^2 * tiles; the last such grid wins then."""
-    grids = sorted(((c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1)
-                    if min_num <= c * r <= max_num), key=lambda g: (g[0] * g[1], g[0]))
+    grids = sorted(
+        ((c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if min_num <= c * r <= max_num),
+        key=lambda g: (g[0] * g[1], g[0]),
+    )
     aspect = width / height
     best = min(abs(aspect - c / r) for c, r in grids)
     tied = [g for g in grids if abs(aspect - g[0] / g[1]) == best]
@@ -34,11 +37,21 @@ def restated_grid(width, height, min_num=1, max_num=6, size=S):
     return choice
 
 
-@pytest.mark.parametrize("size, grid", [
-    ((640, 480), (3, 2)), ((640, 427), (3, 2)), ((500, 375), (3, 2)), ((480, 640), (2, 3)),
-    ((640, 640), (2, 2)), ((640, 360), (2, 1)), ((633, 633), (1, 1)), ((634, 634), (2, 2)),
-    ((640, 512), (1, 1)), ((300, 300), (1, 1)),
-])
+@pytest.mark.parametrize(
+    "size, grid",
+    [
+        ((640, 480), (3, 2)),
+        ((640, 427), (3, 2)),
+        ((500, 375), (3, 2)),
+        ((480, 640), (2, 3)),
+        ((640, 640), (2, 2)),
+        ((640, 360), (2, 1)),
+        ((633, 633), (1, 1)),
+        ((634, 634), (2, 2)),
+        ((640, 512), (1, 1)),
+        ((300, 300), (1, 1)),
+    ],
+)
 def test_format_table(size, grid):
     assert tile_grid(*size) == grid == restated_grid(*size)
 

@@ -1,5 +1,6 @@
 """evaluate.sh under dash: batched and distributed captioning give exactly the captions of the original
 one-image-at-a-time path (fp32, greedy), and scoring equals pycocoevalcap's COCOEvalCap."""
+
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from internvl_chat.eval.scoring import ScoringError, score_captions
 from internvl_chat.synthetic.checkpoint import build_checkpoint
@@ -26,10 +28,24 @@ def world(tmp_path_factory):
 
 def evaluate(world, gpus, *options):
     out = world / f"results_gpus{gpus}_{'_'.join(o.strip('-') for o in options)}"
-    env = dict(os.environ, GPUS=str(gpus), MASTER_PORT=str(29100 + gpus + 10 * len(options)))
-    result = subprocess.run(["sh", str(REPO / "evaluate.sh"), "pretrained/InternVL2-tiny", "caption-coco",
-                             "--dynamic", "--out-dir", str(out), *options],
-                            cwd=world, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, GPUS=str(gpus), MASTER_PORT=str(free_port()))
+    result = subprocess.run(
+        [
+            "sh",
+            str(REPO / "evaluate.sh"),
+            "pretrained/InternVL2-tiny",
+            "caption-coco",
+            "--dynamic",
+            "--out-dir",
+            str(out),
+            *options,
+        ],
+        cwd=world,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = [p for p in out.glob("coco_*.json")]
     assert len(results) == 1
@@ -44,8 +60,10 @@ def one_by_one(world):
 
 def test_metric_block_and_files(world, one_by_one):
     results, stdout, out = one_by_one
-    expected_ids = [int(e["image"].split("_")[-1][:-4])
-                    for e in json.loads((world / "data/coco/annotations/coco_karpathy_test.json").read_text())]
+    expected_ids = [
+        int(e["image"].split("_")[-1][:-4])
+        for e in json.loads((world / "data/coco/annotations/coco_karpathy_test.json").read_text())
+    ]
     assert [r["image_id"] for r in results] == expected_ids  # dataset order
     for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert f"{name}: " in stdout
@@ -66,7 +84,8 @@ def test_fast_engine_gives_the_captions_of_batch_1(world, one_by_one, attention)
     """The decoding step attends to the whole static cache under a mask of the filled positions: with the fast
     GQA kernel (sdpa configured) and with transformers' eager attention (the reference maths)."""
     fast, stdout, _ = evaluate(world, 1, "--engine", "fast", "--batch-size", "4", "--attn-implementation", attention)
-    assert f"{attention} attention" in stdout and "fast engine" in stdout
+    llm = "eager" if attention == "eager" else "internvl_fast_decode"
+    assert f"attention: ViT {attention}, LLM {llm};" in stdout and "fast engine" in stdout
     assert fast == one_by_one[0]
 
 
@@ -110,9 +129,22 @@ def test_scores_equal_cocoevalcap(world, one_by_one, tmp_path, monkeypatch):
 
 def test_missing_java_stops_before_generation(world):
     env = dict(os.environ, PATH="/nonexistent")
-    result = subprocess.run([sys.executable, str(REPO / "internvl_chat/eval/evaluate_caption.py"),
-                             "--checkpoint", "pretrained/InternVL2-tiny", "--datasets", "coco", "--dynamic"],
-                            cwd=world, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "internvl_chat/eval/evaluate_caption.py"),
+            "--checkpoint",
+            "pretrained/InternVL2-tiny",
+            "--datasets",
+            "coco",
+            "--dynamic",
+        ],
+        cwd=world,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "no `java` is on PATH" in result.stderr and "tools/score_captions.py" in result.stderr
     assert "loaded" not in result.stdout  # stopped before loading the model
@@ -122,8 +154,19 @@ def test_score_captions_tool(world, one_by_one):
     _, _, out = one_by_one
     results_file = next(out.glob("coco_*.json"))
     gt_file = world / "data/coco/annotations/coco_karpathy_test_gt.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools/score_captions.py"), str(results_file), str(gt_file),
-                             "--json", str(out / "metrics.json")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/score_captions.py"),
+            str(results_file),
+            str(gt_file),
+            "--json",
+            str(out / "metrics.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text()) == score_captions(results_file, gt_file, verbose=False)
     assert "CIDEr: " in result.stdout

@@ -2,6 +2,7 @@
 launchers exist under their original names, and each one's command line (captured by a fake torchrun) parses with
 the entry point's own parser and carries the original's settings. Also the common core's batch arithmetic and its
 errors for bad GPUS / BATCH_SIZE values."""
+
 import json
 import os
 import shutil
@@ -24,8 +25,15 @@ STEMS = {
     "40B": "internvl2_40b_hermes2_yi_34b_dynamic_res_2nd_finetune",
     "76B": "internvl2_76b_hermes2_llama3_70b_dynamic_res_2nd_finetune",
 }
-CONV = {"1B": "Hermes-2", "2B": "internlm2-chat", "4B": "phi3-chat", "8B": "internlm2-chat",
-        "26B": "internlm2-chat", "40B": "Hermes-2", "76B": "internlm2-chat"}
+CONV = {
+    "1B": "Hermes-2",
+    "2B": "internlm2-chat",
+    "4B": "phi3-chat",
+    "8B": "internlm2-chat",
+    "26B": "internlm2-chat",
+    "40B": "Hermes-2",
+    "76B": "internlm2-chat",
+}
 MODEL_DIR = {size: f"./pretrained/InternVL2-{size}" for size in STEMS} | {"76B": "./pretrained/InternVL2-Llama3-76B"}
 
 # name -> (size, LoRA rank, ZeRO stage, learning rate, default GPUS per host, NNODES, BATCH_SIZE, PER_DEVICE_BATCH_SIZE)
@@ -46,8 +54,21 @@ LAUNCHERS = {
     f"{STEMS['76B']}_full.sh": ("76B", 0, 3, 2e-5, 8, 4, 128, 1),
     f"{STEMS['76B']}_lora.sh": ("76B", 16, 3, 2e-5, 8, 1, 16, 1),
 }
-LAUNCHER_ENV = ("GPUS", "BATCH_SIZE", "PER_DEVICE_BATCH_SIZE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "OUTPUT_DIR", "MODEL", "META_PATH", "DATA_ROOT", "TORCHRUN", "PYTHON")
+LAUNCHER_ENV = (
+    "GPUS",
+    "BATCH_SIZE",
+    "PER_DEVICE_BATCH_SIZE",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OUTPUT_DIR",
+    "MODEL",
+    "META_PATH",
+    "DATA_ROOT",
+    "TORCHRUN",
+    "PYTHON",
+)
 ENTRY_POINT = "internvl_chat_finetune.py"
 
 
@@ -98,8 +119,9 @@ def launch(fakes, name, cwd, *extra, python=None, **env):
     capture.unlink(missing_ok=True)
     full_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     full_env.update(TORCHRUN=str(torchrun), PYTHON=str(python or fake_python), CAPTURE_FILE=str(capture), **env)
-    result = subprocess.run(["sh", str(FAMILY / name), *extra], cwd=cwd, env=full_env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        ["sh", str(FAMILY / name), *extra], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
     args = capture.read_text().splitlines() if capture.exists() else None
     return result, args
 
@@ -107,7 +129,7 @@ def launch(fakes, name, cwd, *extra, python=None, **env):
 def entry_point_args(torchrun_args):
     """Everything after the entry point's path: what internvl_chat_finetune.py receives."""
     index = next(i for i, arg in enumerate(torchrun_args) if arg.endswith(ENTRY_POINT))
-    return torchrun_args[index + 1:]
+    return torchrun_args[index + 1 :]
 
 
 def flag(args, name):
@@ -144,15 +166,31 @@ def parsed(fakes, tmp_path_factory):
     cases["override"] = ("--max_dynamic_patch", "1", "--learning_rate", "1e-3")
     for case, extra in cases.items():
         name = case if case in LAUNCHERS else f"{STEMS['2B']}_lora_coco.sh"
-        result, args = launch(fakes, name, work, *extra, GPUS="2", BATCH_SIZE="16", PER_DEVICE_BATCH_SIZE="4",
-                              NNODES="1", OUTPUT_DIR=str(work / "out" / case), MODEL="/models/My Model")
+        result, args = launch(
+            fakes,
+            name,
+            work,
+            *extra,
+            GPUS="2",
+            BATCH_SIZE="16",
+            PER_DEVICE_BATCH_SIZE="4",
+            NNODES="1",
+            OUTPUT_DIR=str(work / "out" / case),
+            MODEL="/models/My Model",
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         runs[case] = (result, args)
         argvs[case] = entry_point_args(args)
     argv_file, out_file = work / "argv.json", work / "parsed.json"
     argv_file.write_text(json.dumps(argvs))
-    result = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(argv_file), str(out_file)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE_SCRIPT, str(argv_file), str(out_file)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     values = json.loads(out_file.read_text())
     return {case: (runs[case][0], runs[case][1], values[case]) for case in cases}
@@ -217,24 +255,40 @@ def test_data_root_reaches_the_entry_point(fakes, tmp_path):
 
 
 def test_several_hosts_share_the_batch(fakes, tmp_path):
-    result, args = launch(fakes, f"{STEMS['76B']}_full.sh", tmp_path, NODE_RANK="3", MASTER_ADDR="10.0.0.1",
-                          MASTER_PORT="29999")
+    result, args = launch(
+        fakes, f"{STEMS['76B']}_full.sh", tmp_path, NODE_RANK="3", MASTER_ADDR="10.0.0.1", MASTER_PORT="29999"
+    )
     assert result.returncode == 0, result.stderr
-    for expected in ("--nnodes=4", "--node_rank=3", "--master_addr=10.0.0.1", "--master_port=29999",
-                     "--nproc_per_node=8"):
+    for expected in (
+        "--nnodes=4",
+        "--node_rank=3",
+        "--master_addr=10.0.0.1",
+        "--master_port=29999",
+        "--nproc_per_node=8",
+    ):
         assert expected in args
     assert flag(entry_point_args(args), "--gradient_accumulation_steps") == "4"  # 128 / (1 x 8 x 4)
 
 
 def test_a_batch_that_does_not_divide_is_refused(fakes, tmp_path):
-    result, args = launch(fakes, f"{STEMS['2B']}_lora.sh", tmp_path, GPUS="3", BATCH_SIZE="16",
-                          PER_DEVICE_BATCH_SIZE="4", NNODES="1")
+    result, args = launch(
+        fakes, f"{STEMS['2B']}_lora.sh", tmp_path, GPUS="3", BATCH_SIZE="16", PER_DEVICE_BATCH_SIZE="4", NNODES="1"
+    )
     assert result.returncode == 2 and args is None
     assert "BATCH_SIZE=16" in result.stderr and "= 12" in result.stderr
 
 
-@pytest.mark.parametrize("variable,value", [("GPUS", "0"), ("GPUS", "two"), ("GPUS", "-1"), ("GPUS", "1.5"),
-                                            ("PER_DEVICE_BATCH_SIZE", "0"), ("BATCH_SIZE", "x")])
+@pytest.mark.parametrize(
+    "variable,value",
+    [
+        ("GPUS", "0"),
+        ("GPUS", "two"),
+        ("GPUS", "-1"),
+        ("GPUS", "1.5"),
+        ("PER_DEVICE_BATCH_SIZE", "0"),
+        ("BATCH_SIZE", "x"),
+    ],
+)
 def test_bad_counts_are_refused(fakes, tmp_path, variable, value):
     result, args = launch(fakes, f"{STEMS['1B']}_lora.sh", tmp_path, **{variable: value})
     assert result.returncode == 2 and args is None
@@ -244,8 +298,16 @@ def test_bad_counts_are_refused(fakes, tmp_path, variable, value):
 @pytest.mark.skipif(not VENV_PYTHON.exists(), reason="no .venv")
 def test_the_real_gpu_probe(fakes, tmp_path):
     """With the environment's own python the CUDA probe runs for real: GPUS=1 fits any machine."""
-    result, args = launch(fakes, f"{STEMS['2B']}_lora_coco.sh", tmp_path, python=VENV_PYTHON, GPUS="1",
-                          BATCH_SIZE="8", PER_DEVICE_BATCH_SIZE="4", OUTPUT_DIR=str(tmp_path / "run"))
+    result, args = launch(
+        fakes,
+        f"{STEMS['2B']}_lora_coco.sh",
+        tmp_path,
+        python=VENV_PYTHON,
+        GPUS="1",
+        BATCH_SIZE="8",
+        PER_DEVICE_BATCH_SIZE="4",
+        OUTPUT_DIR=str(tmp_path / "run"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "--nproc_per_node=1" in args
     assert flag(entry_point_args(args), "--gradient_accumulation_steps") == "2"

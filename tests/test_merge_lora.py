@@ -1,5 +1,6 @@
 """tools/merge_lora.py on a tiny model trained for a few LoRA steps: the tutorial's six lines, merged logits and
 captions equal the unmerged model's, and the output loads through AutoModel offline and through our loader."""
+
 import json
 import os
 import subprocess
@@ -58,16 +59,18 @@ def world(tmp_path_factory):
 
 
 def run_merge(source: Path, target: Path, *extra):
-    return subprocess.run([sys.executable, str(MERGE), str(source), str(target), *extra],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(MERGE), str(source), str(target), *extra], capture_output=True, text=True, timeout=300
+    )
 
 
 def fixed_inputs(model, tokenizer):
     generator = torch.Generator().manual_seed(4)
     pixel_values = torch.randn(2, 3, 448, 448, generator=generator)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    prompt = model._prompt("<image>\nDescribe.").replace(
-        "<image>", "<img>" + "<IMG_CONTEXT>" * (2 * model.num_image_token) + "</img>")
+    prompt = model.build_prompt("<image>\nDescribe.").replace(
+        "<image>", "<img>" + "<IMG_CONTEXT>" * (2 * model.num_image_token) + "</img>"
+    )
     return pixel_values, tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
@@ -104,8 +107,9 @@ def test_merged_equals_unmerged(world, dtype, tolerance):
     assert error <= tolerance, error
     assert float((a - base_logits).abs().max() / a.abs().max()) > 10 * tolerance  # the adapters mattered
     if dtype == torch.float32:
-        assert unmerged_model.chat(tokenizer, pixel_values, "Describe.", GREEDY) == \
-            merged_model.chat(tokenizer, pixel_values, "Describe.", GREEDY)
+        assert unmerged_model.chat(tokenizer, pixel_values, "Describe.", GREEDY) == merged_model.chat(
+            tokenizer, pixel_values, "Describe.", GREEDY
+        )
 
 
 def test_automodel_loads_the_merged_folder_offline(world, tmp_path):
@@ -113,15 +117,18 @@ def test_automodel_loads_the_merged_folder_offline(world, tmp_path):
     merged = root / "merged_float32"
     if not merged.exists():
         pytest.skip("needs the float32 merge of test_merged_equals_unmerged")
-    script = ("import sys, torch\n"
-              "from transformers import AutoModel, AutoTokenizer\n"
-              "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()\n"
-              "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-              "px = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))\n"
-              "print('ANSWER', repr(m.chat(t, px, 'Describe the image.', dict(max_new_tokens=10, do_sample=False))))\n")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModel, AutoTokenizer\n"
+        "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "px = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))\n"
+        "print('ANSWER', repr(m.chat(t, px, 'Describe the image.', dict(max_new_tokens=10, do_sample=False))))\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", script, str(merged)], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(merged)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ANSWER '" in result.stdout
 

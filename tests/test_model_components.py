@@ -1,4 +1,5 @@
 """Pieces of the model checked against independent restatements of the original maths (FORMAT.md §1)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,9 +7,14 @@ from transformers import DynamicCache
 
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internlm2 import (ROWS_MASK_KEY_MULTIPLE, InternLM2Attention,
-                                                 InternLM2DecoderLayer, InternLM2RotaryEmbedding, OutputRows,
-                                                 pad_keys_past_length)
+from internvl_chat.model.modeling_internlm2 import (
+    ROWS_MASK_KEY_MULTIPLE,
+    InternLM2Attention,
+    InternLM2DecoderLayer,
+    InternLM2RotaryEmbedding,
+    OutputRows,
+    pad_keys_past_length,
+)
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
 from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
@@ -34,7 +40,9 @@ def test_pixel_shuffle_v2_token_layout():
     x = torch.randn(1, 4, 4, 2)
     out = pixel_shuffle(x, 0.5, "v2")
     i, j = 1, 0
-    expected = torch.cat([x[0, 2 * i, 2 * j], x[0, 2 * i, 2 * j + 1], x[0, 2 * i + 1, 2 * j], x[0, 2 * i + 1, 2 * j + 1]])
+    expected = torch.cat(
+        [x[0, 2 * i, 2 * j], x[0, 2 * i, 2 * j + 1], x[0, 2 * i + 1, 2 * j], x[0, 2 * i + 1, 2 * j + 1]]
+    )
     assert torch.equal(out[0, i, j], expected)
 
 
@@ -47,10 +55,10 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
     # group g holds rows [q(2g), q(2g+1), k(g), v(g)], each hd rows
     for g in range(2):
         base = g * (groups + 2) * hd
-        assert torch.equal(q[0, 2 * g, 0], rows[base: base + hd])
-        assert torch.equal(q[0, 2 * g + 1, 0], rows[base + hd: base + 2 * hd])
-        assert torch.equal(k[0, g, 0], rows[base + 2 * hd: base + 3 * hd])
-        assert torch.equal(v[0, g, 0], rows[base + 3 * hd: base + 4 * hd])
+        assert torch.equal(q[0, 2 * g, 0], rows[base : base + hd])
+        assert torch.equal(q[0, 2 * g + 1, 0], rows[base + hd : base + 2 * hd])
+        assert torch.equal(k[0, g, 0], rows[base + 2 * hd : base + 3 * hd])
+        assert torch.equal(v[0, g, 0], rows[base + 3 * hd : base + 4 * hd])
 
 
 @pytest.mark.parametrize("length", [9, 16])  # the rows' keys padded past an unaligned and an aligned length
@@ -58,8 +66,14 @@ def test_fused_wqkv_split_follows_the_grouped_layout():
 def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention, length):
     """output_rows: keys and values of every position (the cache), the layer's output at the given rows only,
     equal to the full layer's there: the last position of a prefill, or any rows under their causal mask."""
-    config = InternLM2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-                             bias=False, num_hidden_layers=1)
+    config = InternLM2Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        bias=False,
+        num_hidden_layers=1,
+    )
     config._attn_implementation = attention
     torch.manual_seed(0)
     layer = InternLM2DecoderLayer(config, 0).eval()
@@ -72,8 +86,13 @@ def test_decoder_layer_output_rows_keep_the_cache_and_those_outputs(attention, l
     with torch.no_grad():
         full_cache, last_cache = DynamicCache(config=config), DynamicCache(config=config)
         full = layer(hidden, rotary, attention_mask=mask, past_key_values=full_cache)
-        last = layer(hidden, rotary, attention_mask=mask, past_key_values=last_cache,
-                     output_rows=OutputRows.last_position(hidden))
+        last = layer(
+            hidden,
+            rotary,
+            attention_mask=mask,
+            past_key_values=last_cache,
+            output_rows=OutputRows.last_position(hidden),
+        )
         some = layer(hidden, rotary, attention_mask=mask, output_rows=OutputRows(chosen, causal))
     assert last.shape == (2, 1, 64)
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
@@ -115,12 +134,20 @@ def test_rope_plain_linear_and_dynamic():
     ref_cos, ref_sin = rope_reference(positions[0], 16, 1e6)
     assert torch.allclose(cos[0], ref_cos) and torch.allclose(sin[0], ref_sin)
 
-    linear = InternLM2RotaryEmbedding(InternLM2Config(hidden_size=64, num_attention_heads=4, rope_theta=1e6,
-                                                      rope_scaling={"type": "linear", "factor": 4.0}))
+    linear = InternLM2RotaryEmbedding(
+        InternLM2Config(
+            hidden_size=64, num_attention_heads=4, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 4.0}
+        )
+    )
     assert torch.allclose(linear(x, positions)[0][0], rope_reference(positions[0] / 4.0, 16, 1e6)[0])
 
-    config = InternLM2Config(hidden_size=64, num_attention_heads=4, rope_theta=1e6, max_position_embeddings=32,
-                             rope_scaling={"type": "dynamic", "factor": 2.0})
+    config = InternLM2Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        rope_theta=1e6,
+        max_position_embeddings=32,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+    )
     dynamic = InternLM2RotaryEmbedding(config)
     short = torch.arange(32)[None]
     assert torch.allclose(dynamic(x, short)[0][0], rope_reference(short[0], 16, 1e6)[0])  # inert up to maxpos
@@ -182,14 +209,6 @@ def test_unmerged_lora_checkpoint_reloads_with_its_adapters(tmp_path):
         assert not torch.allclose(reloaded.language_model(input_ids=ids).logits, got)
 
 
-def test_padding_positions_continue_the_sequence():
-    from internvl_chat.model.modeling_internvl_chat import positions_through_padding
-
-    positions = torch.tensor([[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5]])
-    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
-    assert positions_through_padding(positions, keep).tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_vit_layer_follows_the_original_residual_formula(training):
     """x + drop_path(attn(norm1(x)) * ls1), then the same with the MLP: with stochastic depth active (training,
@@ -197,8 +216,15 @@ def test_vit_layer_follows_the_original_residual_formula(training):
     from internvl_chat.model.configuration_intern_vit import InternVisionConfig
     from internvl_chat.model.modeling_intern_vit import InternVisionEncoderLayer
 
-    config = InternVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, qkv_bias=True,
-                                qk_normalization=False, norm_type="layer_norm", drop_path_rate=0.5)
+    config = InternVisionConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        qkv_bias=True,
+        qk_normalization=False,
+        norm_type="layer_norm",
+        drop_path_rate=0.5,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     layer = InternVisionEncoderLayer(config, drop_path_rate=0.5).train(training)

@@ -1,5 +1,6 @@
 """Built from the original configs on the meta device, every size has exactly the original state_dict keys
 and shapes, and the 2B LLM wrapped with LoRA r128 prints the tutorial's parameter line."""
+
 import json
 
 import pytest
@@ -30,8 +31,10 @@ def test_state_dict_keys_and_shapes(reference_dir, name):
     assert sorted(set(ref["keys"]) - set(ours)) == []
     assert ours == ref["keys"]
     assert len(ours) == ref["num_keys"]
-    counts = {part: sum(p.numel() for p in getattr(model, part).parameters())
-              for part in ("vision_model", "mlp1", "language_model")}
+    counts = {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("vision_model", "mlp1", "language_model")
+    }
     counts["total"] = sum(counts.values())
     assert counts == ref["param_counts"]
     assert model.num_image_token == ref["num_image_token"]

@@ -1,5 +1,6 @@
 """The checkpoint loader: sharded folders, clear errors for broken folders, the --auto device map, and the
 KV cache accepted under both of its names."""
+
 import json
 import shutil
 

@@ -1,5 +1,6 @@
 """The tiny checkpoint saved by the original implementation loads with no missing or unexpected keys and
 reproduces the original's intermediate outputs (shared/reference/checkpoints/tiny_internlm2_reference)."""
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +37,9 @@ def run_reference(folder, arrays, attn_implementation):
         out = model.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=True
         )
-        full = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                     image_flags=image_flags)
+        full = model(
+            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_flags=image_flags
+        )
     assert matched
     return info, {
         "vit_last_hidden_state": vit,
@@ -64,7 +66,10 @@ def test_reference_outputs(reference, attn_implementation, tolerance):
     outputs["logits_via_forward"] = outputs.pop("forward_logits")
     for name in ("vit_last_hidden_state", "vit_embeds", "inputs_embeds", "logits", "llm_hidden_states"):
         assert tuple(outputs[name].shape) == arrays[name].shape, name
-        assert relative_error(outputs[name], arrays[name]) <= tolerance, (name, relative_error(outputs[name], arrays[name]))
+        assert relative_error(outputs[name], arrays[name]) <= tolerance, (
+            name,
+            relative_error(outputs[name], arrays[name]),
+        )
     assert relative_error(outputs["logits_via_forward"], arrays["logits"]) <= tolerance
     # the greedy choice at the last positions, as recorded in ref_outputs.json
     assert outputs["logits"][0, -8:].argmax(-1).tolist() == [26, 197, 116, 81, 78, 77, 25, 48]

@@ -1,6 +1,7 @@
 """Tiny checkpoints of every LLM family and both ViT variants: they save in the real format, reload through
 AutoModel in a fresh offline process with identical logits, generate the same with and without KV cache, and
 batch_chat (left padding) answers exactly as chat() does one question at a time."""
+
 import json
 import os
 import subprocess
@@ -19,16 +20,19 @@ GREEDY = dict(max_new_tokens=12, min_new_tokens=8, do_sample=False, num_beams=1)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {family: build_checkpoint(root / f"{family[0]}-{family[1]}", llm=family[0], vit=family[1], seed=3)
-            for family in FAMILIES}
+    return {
+        family: build_checkpoint(root / f"{family[0]}-{family[1]}", llm=family[0], vit=family[1], seed=3)
+        for family in FAMILIES
+    }
 
 
 def fixed_inputs(model, tokenizer, num_tiles=2):
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(num_tiles, 3, 448, 448, generator=generator)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    query = model._prompt("<image>\nDescribe the image.").replace(
-        "<image>", "<img>" + "<IMG_CONTEXT>" * (model.num_image_token * num_tiles) + "</img>")
+    query = model.build_prompt("<image>\nDescribe the image.").replace(
+        "<image>", "<img>" + "<IMG_CONTEXT>" * (model.num_image_token * num_tiles) + "</img>"
+    )
     input_ids = tokenizer(query, return_tensors="pt")["input_ids"]
     return pixel_values, input_ids
 
@@ -38,15 +42,25 @@ def test_remote_code_files_and_auto_map(checkpoints):
         config = json.loads((folder / "config.json").read_text())
         assert config["auto_map"]["AutoModel"] == "modeling_internvl_chat.InternVLChatModel"
         assert config["auto_map"]["AutoConfig"] == "configuration_internvl_chat.InternVLChatConfig"
-        for name in ("modeling_internvl_chat.py", "modeling_intern_vit.py", "modeling_internlm2.py",
-                     "configuration_internvl_chat.py", "configuration_intern_vit.py", "configuration_internlm2.py",
-                     "fused_kernels.py", "conversation.py", "tokenization_internlm2.py", "tokenizer.model", "model.safetensors"):
+        for name in (
+            "modeling_internvl_chat.py",
+            "modeling_intern_vit.py",
+            "modeling_internlm2.py",
+            "configuration_internvl_chat.py",
+            "configuration_intern_vit.py",
+            "configuration_internlm2.py",
+            "fused_kernels.py",
+            "conversation.py",
+            "tokenization_internlm2.py",
+            "tokenizer.model",
+            "model.safetensors",
+        ):
             assert (folder / name).is_file(), folder / name
 
 
 def test_automodel_in_fresh_offline_process_gives_identical_logits(checkpoints, tmp_path):
     expected = {}
-    for family, folder in checkpoints.items():
+    for folder in checkpoints.values():
         model = load_model(folder, dtype=torch.float32, device="cpu")
         tokenizer = load_tokenizer(folder)
         pixel_values, input_ids = fixed_inputs(model, tokenizer)
@@ -68,8 +82,12 @@ for folder in sys.argv[2:]:
     torch.save(logits, f'{sys.argv[1]}/{name}.logits.pt')
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path), *map(str, checkpoints.values())],
-                   check=True, cwd=tmp_path, env=env)
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), *map(str, checkpoints.values())],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+    )
     for name, logits in expected.items():
         assert torch.equal(torch.load(tmp_path / f"{name}.logits.pt"), logits), name
 

@@ -1,4 +1,5 @@
 """The synthetic COCO (internvl_chat/synthetic/coco.py), the data validator and tools/prepare_coco.sh."""
+
 import contextlib
 import functools
 import hashlib
@@ -20,8 +21,15 @@ from PIL import Image
 
 from internvl_chat.data import validate
 from internvl_chat.synthetic import vocabulary
-from internvl_chat.synthetic.coco import (IMAGE_SIZES, TEST_GT_JSON, TEST_JSON, TRAIN_JSONL,
-                                          SyntheticCocoError, load_scenes, make_synthetic_coco)
+from internvl_chat.synthetic.coco import (
+    IMAGE_SIZES,
+    TEST_GT_JSON,
+    TEST_JSON,
+    TRAIN_JSONL,
+    SyntheticCocoError,
+    load_scenes,
+    make_synthetic_coco,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TURN = "<image>\nProvide a one-sentence caption for the provided image."
@@ -87,8 +95,11 @@ def test_synthetic_set_passes_the_validator(coco, capsys):
 
 def test_builds_are_deterministic(tmp_path):
     def digest(root: Path) -> dict:
-        return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-                for path in sorted(root.rglob("*")) if path.is_file()}
+        return {
+            str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        }
 
     first = make_synthetic_coco(tmp_path / "a", train_images=12, test_images=4, seed=7)
     second = make_synthetic_coco(tmp_path / "b", train_images=12, test_images=4, seed=7)
@@ -122,8 +133,12 @@ def test_captions_describe_what_is_drawn(coco):
                     assert re.search(rf"(circle|square|triangle|star)s? in the {place}", caption), caption
         assert mentioned_anywhere == set(drawn), (scene["captions"], drawn)
         # Only the two-group "X in the ... and Y in the ..." caption leaves the background out.
-        with_background = [c for c in scene["captions"] if f"{scene['background']} background" in c or
-                           re.search(rf"\b{scene['background']} (picture|image|photo)\b", c)]
+        with_background = [
+            c
+            for c in scene["captions"]
+            if f"{scene['background']} background" in c
+            or re.search(rf"\b{scene['background']} (picture|image|photo)\b", c)
+        ]
         assert len(with_background) >= 4, (scene["captions"], scene["background"])
 
     # The pixels agree with the record: each shape's center has its colour, a corner has the background's.
@@ -176,16 +191,34 @@ def test_refuses_to_overwrite_without_force(tmp_path):
 
 def test_cli_writes_summary_and_meta(tmp_path):
     out, meta = tmp_path / "coco", tmp_path / "meta.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_coco.py"), "--out", str(out),
-                             "--train-images", "6", "--test-images", "3", "--meta", str(meta)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic_coco.py"),
+            "--out",
+            str(out),
+            "--train-images",
+            "6",
+            "--test-images",
+            "3",
+            "--meta",
+            str(meta),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "30 caption lines" in result.stdout and str(out) in result.stdout
     entry = json.loads(meta.read_text())["coco_karpathy_train_567k"]
     assert entry["length"] == 30 and entry["annotation"].endswith(".jsonl")
     assert validate.validate_meta(meta, show_progress=False).ok
-    again = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_coco.py"), "--out", str(out)],
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_synthetic_coco.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode != 0 and "--force" in again.stderr
 
 
@@ -204,11 +237,14 @@ def test_validator_catches_a_corrupt_jpeg(coco, tmp_path):
     assert not report.ok
     assert any(test_image in error and "cannot be read" in error for error in report.errors), report.errors
     # Reported at the first line that uses the image.
-    first_use = next(number for number, line in
-                     enumerate((root / "annotations" / TRAIN_JSONL).read_text().splitlines(), 1)
-                     if json.loads(line)["image"] == train_image)
-    assert any(f"{TRAIN_JSONL}:{first_use}: {train_image}: image cannot be read" in error
-               for error in report.errors), report.errors
+    first_use = next(
+        number
+        for number, line in enumerate((root / "annotations" / TRAIN_JSONL).read_text().splitlines(), 1)
+        if json.loads(line)["image"] == train_image
+    )
+    assert any(f"{TRAIN_JSONL}:{first_use}: {train_image}: image cannot be read" in error for error in report.errors), (
+        report.errors
+    )
 
 
 def test_validator_catches_a_missing_image(coco, tmp_path, capsys):
@@ -222,14 +258,20 @@ def test_validator_catches_a_missing_image(coco, tmp_path, capsys):
     assert "FAILED" in captured.err
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    ("{not json", "not valid JSON"),
-    ("", "empty line"),
-    ('{"conversations": [{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "x"}]}', "'image'"),
-    ('{"image": "train2014/x.jpg", "conversations": [{"from": "gpt", "value": "x"}]}', "alternate"),
-    ('{"image": "train2014/x.jpg", "conversations": [{"from": "human", "value": "a"}, '
-     '{"from": "human", "value": "b"}]}', "alternate"),
-])
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("", "empty line"),
+        ('{"conversations": [{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "x"}]}', "'image'"),
+        ('{"image": "train2014/x.jpg", "conversations": [{"from": "gpt", "value": "x"}]}', "alternate"),
+        (
+            '{"image": "train2014/x.jpg", "conversations": [{"from": "human", "value": "a"}, '
+            '{"from": "human", "value": "b"}]}',
+            "alternate",
+        ),
+    ],
+)
 def test_validator_names_the_bad_jsonl_line(coco, tmp_path, capsys, bad_line, reason):
     root = build_copy(coco, tmp_path)
     jsonl = root / "annotations" / TRAIN_JSONL
@@ -244,13 +286,20 @@ def test_validator_names_the_bad_jsonl_line(coco, tmp_path, capsys, bad_line, re
 
 def test_validator_checks_the_meta_file(coco, tmp_path, capsys):
     shipped = json.loads((REPO / "shell" / "data" / "coco_caption.json").read_text())
-    assert shipped == {"coco_karpathy_train_567k": {
-        "root": "data/coco/", "annotation": "data/coco/annotations/coco_karpathy_train_567k.jsonl",
-        "data_augment": False, "repeat_time": 1, "length": 566747}}
+    assert shipped == {
+        "coco_karpathy_train_567k": {
+            "root": "data/coco/",
+            "annotation": "data/coco/annotations/coco_karpathy_train_567k.jsonl",
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": 566747,
+        }
+    }
     # The shipped meta, pointed at the synthetic build: valid, with a warning about its length.
     meta = tmp_path / "meta.json"
-    entry = dict(shipped["coco_karpathy_train_567k"], root=str(coco) + "/",
-                 annotation=str(coco / "annotations" / TRAIN_JSONL))
+    entry = dict(
+        shipped["coco_karpathy_train_567k"], root=str(coco) + "/", annotation=str(coco / "annotations" / TRAIN_JSONL)
+    )
     meta.write_text(json.dumps({"coco_karpathy_train_567k": entry}))
     assert validate.main(["--meta", str(meta), "--quiet"]) == 0
     assert "length is 566747 but" in capsys.readouterr().out
@@ -291,8 +340,9 @@ def test_data_package_does_not_import_the_model():
 
 def run_prepare(env_overrides: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, **env_overrides}
-    return subprocess.run(["sh", str(REPO / "tools" / "prepare_coco.sh")], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["sh", str(REPO / "tools" / "prepare_coco.sh")], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_prepare_coco_is_posix_sh():
@@ -300,8 +350,9 @@ def test_prepare_coco_is_posix_sh():
     if dash is None:
         pytest.skip("dash is not installed")
     subprocess.run([dash, "-n", str(REPO / "tools" / "prepare_coco.sh")], check=True)
-    help_text = subprocess.run([dash, str(REPO / "tools" / "prepare_coco.sh"), "--help"], capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        [dash, str(REPO / "tools" / "prepare_coco.sh"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "COCO_ROOT" in help_text and "PREPARE_COCO_TIMEOUT" in help_text
 
 
@@ -322,8 +373,9 @@ def test_prepare_coco_fails_fast_without_network(tmp_path, downloader, where):
         pytest.skip("the internet is reachable here; the default servers would really download COCO")
     root = tmp_path / "coco"
     start = time.monotonic()
-    result = run_prepare({"COCO_ROOT": str(root), "PREPARE_COCO_TIMEOUT": "2", "DOWNLOADER": downloader, **urls},
-                         timeout=30)
+    result = run_prepare(
+        {"COCO_ROOT": str(root), "PREPARE_COCO_TIMEOUT": "2", "DOWNLOADER": downloader, **urls}, timeout=30
+    )
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "cannot reach" in result.stderr and "make_synthetic_coco.py" in result.stderr, result.stderr
@@ -364,15 +416,20 @@ def test_prepare_coco_downloads_unpacks_validates_and_resumes(coco, tmp_path, do
     for name in (TEST_JSON, TEST_GT_JSON):
         shutil.copy(coco / "annotations" / name, served / "data" / name)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
-                                                                                directory=str(served)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         root = tmp_path / "downloaded"
-        env = {"COCO_ROOT": str(root), "COCO_IMAGES_URL": f"{base}/zips", "KARPATHY_URL": f"{base}/data",
-               "PREPARE_COCO_TIMEOUT": "5", "DOWNLOADER": downloader, "VALIDATE_WORKERS": "2"}
+        env = {
+            "COCO_ROOT": str(root),
+            "COCO_IMAGES_URL": f"{base}/zips",
+            "KARPATHY_URL": f"{base}/data",
+            "PREPARE_COCO_TIMEOUT": "5",
+            "DOWNLOADER": downloader,
+            "VALIDATE_WORKERS": "2",
+        }
         first = run_prepare(env)
         assert first.returncode == 0, first.stdout + first.stderr
         assert "OK: the data is ready" in first.stdout
@@ -394,14 +451,21 @@ def test_prepare_coco_downloads_unpacks_validates_and_resumes(coco, tmp_path, do
 def test_prepare_coco_reports_a_missing_file(tmp_path):
     """A server that is up but lacks the file: a clear failure naming the URL, nothing half-written."""
     (tmp_path / "empty").mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
-                                                                                directory=str(tmp_path / "empty")))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path / "empty"))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         root = tmp_path / "coco"
-        result = run_prepare({"COCO_ROOT": str(root), "COCO_IMAGES_URL": f"{base}/zips", "KARPATHY_URL": f"{base}/data",
-                              "PREPARE_COCO_TIMEOUT": "5"})
+        result = run_prepare(
+            {
+                "COCO_ROOT": str(root),
+                "COCO_IMAGES_URL": f"{base}/zips",
+                "KARPATHY_URL": f"{base}/data",
+                "PREPARE_COCO_TIMEOUT": "5",
+            }
+        )
     finally:
         server.shutdown()
         server.server_close()

@@ -1,5 +1,6 @@
 """The tutorial's LoRA launcher on the CPU: torchrun + DeepSpeed, GPUS=1 and 2, ZeRO-1 and ZeRO-3, kill and
 resume. Each run trains the tiny model on a synthetic COCO for a few steps (1 tile per image to stay fast)."""
+
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from internvl_chat.synthetic.checkpoint import build_checkpoint
@@ -16,8 +18,20 @@ from internvl_chat.synthetic.coco import make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
-FAST = ["--max_dynamic_patch", "1", "--dataloader_num_workers", "0", "--lora_dropout", "0.0",
-        "--learning_rate", "2e-3", "--logging_steps", "1", "--seed", "7"]
+FAST = [
+    "--max_dynamic_patch",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+    "--lora_dropout",
+    "0.0",
+    "--learning_rate",
+    "2e-3",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "7",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +40,27 @@ pytestmark = pytest.mark.slow
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     model = build_checkpoint(root / "pretrained/InternVL2-tiny", seed=0)
-    make_synthetic_coco(root / "data/coco", train_images=8, test_images=2, seed=0,
-                        meta_path=root / "meta.json")
+    make_synthetic_coco(root / "data/coco", train_images=8, test_images=2, seed=0, meta_path=root / "meta.json")
     return root, model
 
 
 def launch(world, name, gpus, steps, save_steps, *extra, background=False):
     root, model = world
-    env = dict(os.environ, GPUS=str(gpus), BATCH_SIZE="8", PER_DEVICE_BATCH_SIZE="2", MODEL=str(model),
-               META_PATH=str(root / "meta.json"), OUTPUT_DIR=str(root / name),
-               MASTER_PORT=str(29500 + abs(hash(name)) % 1000))
+    env = dict(
+        os.environ,
+        GPUS=str(gpus),
+        BATCH_SIZE="8",
+        PER_DEVICE_BATCH_SIZE="2",
+        MODEL=str(model),
+        META_PATH=str(root / "meta.json"),
+        OUTPUT_DIR=str(root / name),
+        MASTER_PORT=str(free_port()),
+    )
     command = ["sh", str(LAUNCHER), *FAST, "--max_steps", str(steps), "--save_steps", str(save_steps), *extra]
     if background:
-        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root / name
@@ -64,11 +85,18 @@ def test_two_processes_train_with_deepspeed_zero1(two_process_run):
     curve = losses(run)
     assert len(curve) == 6 and sum(curve[-2:]) / 2 < curve[0]
     log = (run / "training_log.txt").read_text()
-    for line in ("Num examples = 40", "Total optimization steps = 6", "Gradient Accumulation steps = 2",
-                 "Total train batch size (w. parallel, distributed & accumulation) = 8",
-                 "trainable params:", "samples_per_second", "python_gc_ms", "no GPU found",
-                 "DeepSpeed's throughput timer without GPU synchronization",
-                 "Python's garbage collector: the"):
+    for line in (
+        "Num examples = 40",
+        "Total optimization steps = 6",
+        "Gradient Accumulation steps = 2",
+        "Total train batch size (w. parallel, distributed & accumulation) = 8",
+        "trainable params:",
+        "samples_per_second",
+        "python_gc_ms",
+        "no GPU found",
+        "DeepSpeed's throughput timer without GPU synchronization",
+        "Python's garbage collector: the",
+    ):
         assert line in log, line
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]  # save_total_limit 1
     events = list((run / "runs").rglob("events.out.tfevents.*"))
@@ -76,8 +104,14 @@ def test_two_processes_train_with_deepspeed_zero1(two_process_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
-    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/samples_per_second",
-                "train/tokens_per_second", "train/tflops_per_device"):
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_second",
+        "train/tokens_per_second",
+        "train/tflops_per_device",
+    ):
         assert tag in tags, (tag, tags)
     config = json.loads((run / "config.json").read_text())
     assert config["use_llm_lora"] == 128 and config["max_dynamic_patch"] == 1 and config["template"] == "internlm2-chat"
@@ -95,19 +129,6 @@ def one_process_run(world):
 def test_one_process_gives_the_same_loss_curve(one_process_run, two_process_run):
     assert "GRADIENT_ACC=4" in (one_process_run / "training_log.txt").read_text()
     assert losses(one_process_run) == pytest.approx(losses(two_process_run), rel=2e-4)
-
-
-def test_packed_samples_train_like_padded_batches_through_the_launcher(world, one_process_run):
-    """--pack_samples: the same captions per micro-batch in one row without padding; the loss curve is the padded
-    run's (the sampler and everything else unchanged)."""
-    run = launch(world, "packed", 1, 6, 6, "--pack_samples", "True", "--supervised_logits_only", "True")
-    assert "Packed samples: the LLM's attention is sdpa" in (run / "training_log.txt").read_text()
-    assert losses(run) == pytest.approx(losses(one_process_run), rel=2e-4)
-    root, model = world
-    refused = subprocess.run(["sh", str(LAUNCHER), "--pack_samples", "True", "--group_by_image", "True"], cwd=root,
-                             env=dict(os.environ, GPUS="1", MODEL=str(model), META_PATH=str(root / "meta.json"),
-                                      OUTPUT_DIR=str(root / "refused")), capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "--pack_samples and --group_by_image" in refused.stdout + refused.stderr
 
 
 def test_zero3_saves_the_trained_adapter(world, two_process_run):
@@ -141,31 +162,61 @@ def test_a_killed_run_resumes_to_the_same_adapter(world):
 
 def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
     root, model = world
-    env = dict(os.environ, GPUS="1", BATCH_SIZE="4", PER_DEVICE_BATCH_SIZE="2", MODEL=str(model),
-               META_PATH=str(root / "meta.json"), OUTPUT_DIR=str(root / "full"), MASTER_PORT="29931")
+    env = dict(
+        os.environ,
+        GPUS="1",
+        BATCH_SIZE="4",
+        PER_DEVICE_BATCH_SIZE="2",
+        MODEL=str(model),
+        META_PATH=str(root / "meta.json"),
+        OUTPUT_DIR=str(root / "full"),
+        MASTER_PORT=str(free_port()),
+    )
     launcher = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh"
-    result = subprocess.run(["sh", str(launcher), *FAST, "--max_steps", "2", "--save_strategy", "no"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["sh", str(launcher), *FAST, "--max_steps", "2", "--save_strategy", "no"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     before, after = load_file(model / "model.safetensors"), load_file(root / "full" / "model.safetensors")
     assert not any("lora_" in key for key in after)
     assert not torch.equal(before["mlp1.1.weight"], after["mlp1.1.weight"])
-    assert not torch.equal(before["language_model.model.layers.0.attention.wqkv.weight"],
-                           after["language_model.model.layers.0.attention.wqkv.weight"])
-    assert torch.equal(before["vision_model.encoder.layers.0.attn.qkv.weight"],
-                       after["vision_model.encoder.layers.0.attn.qkv.weight"])  # the ViT stays frozen
+    assert not torch.equal(
+        before["language_model.model.layers.0.attention.wqkv.weight"],
+        after["language_model.model.layers.0.attention.wqkv.weight"],
+    )
+    assert torch.equal(
+        before["vision_model.encoder.layers.0.attn.qkv.weight"], after["vision_model.encoder.layers.0.attn.qkv.weight"]
+    )  # the ViT stays frozen
 
 
-def test_shared_image_mode_trains_through_the_launcher(world):
-    run = launch(world, "group_by_image", 1, 3, 3, "--group_by_image", "True", "--supervised_logits_only", "True",
-                 "--group_by_length", "False", "--compile_blocks", "True", "--profile_steps", "2,3")
+def test_the_grouped_mode_trains_through_the_launcher(world):
+    run = launch(
+        world,
+        "group_by_image",
+        1,
+        3,
+        3,
+        "--group_by_image",
+        "True",
+        "--supervised_logits_only",
+        "True",
+        "--compile_blocks",
+        "True",
+        "--profile_steps",
+        "2,3",
+    )
     log = (run / "training_log.txt").read_text()
     profile = (run / "profile_steps_2-3.txt").read_text()  # steps after the first, which compiles
     assert "optimizer steps 2-3" in profile and "ms wall per step over 2 step(s)" in profile
     assert "aten::mm" in profile and "Profile of steps 2-3 written to" in log
     assert "torch.compile: 4 transformer blocks" in log
-    assert "Grouping captions by picture: 8 pictures, 40 captions" in log
-    assert "Shared-image sequences: the LLM's attention is prefix_split" in log
+    assert "Grouped by image: 8 pictures, 40 captions" in log
+    assert "Batches: grouped by image, supervised logits only; the LLM's attention: prefix_split" in log
     curve = losses(run)
     assert len(curve) == 3 and curve[-1] < curve[0]
     history = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]

@@ -2,14 +2,15 @@
 """Caption-evaluation speed: the original's path (chat() one image at a time) versus the fast engine, on a random
 full-size InternVL2 and COCO-shaped synthetic images (640x480 -> 7 tiles), measured in the same run.
 
-  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 128,128+nokernels
+  python tools/benchmark_eval.py --like InternVL2-2B --images 5000 --baseline-images 100 --batch-sizes 64,128
 
-A batch size may carry +nographs (decoding steps launched from Python instead of replayed as a CUDA graph) and
-+nokernels (the PyTorch reference ops instead of the Triton kernels of internvl_chat/model/fused_kernels.py).
+A batch size may carry +nographs: decoding steps launched from Python instead of replayed as a CUDA graph (the
+evaluation's --no-cuda-graphs).
 
 Prints a table (images/s, prefill tokens/s, model TFLOP/s, MFU, peak memory) and writes --json. Captions of the
 random model never end early, so every image gets the full 30 new tokens (the slowest case).
 """
+
 import argparse
 import json
 import sys
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 from internvl_chat.eval.caption_data import CAPTION_SETS, read_entries  # noqa: E402
 from internvl_chat.eval.evaluate_caption import generate_captions  # noqa: E402
-from internvl_chat.model import fused_kernels  # noqa: E402
+from internvl_chat.eval.fast_captioner import fast_engine_attention  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
@@ -35,8 +36,11 @@ def main() -> None:
     parser.add_argument("--like", default="InternVL2-2B")
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--baseline-images", type=int, default=100, help="images for the slow batch-1 path")
-    parser.add_argument("--batch-sizes", default="64,128", help="fast-engine runs to measure: batch sizes, each "
-                                                                 "optionally +nographs and/or +nokernels")
+    parser.add_argument(
+        "--batch-sizes",
+        default="64,128",
+        help="fast-engine runs to measure: batch sizes, each optionally +nographs and/or +nokernels",
+    )
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--work", default=None, help="folder for the model and data (default: a temp folder)")
     parser.add_argument("--json", default=None)
@@ -48,75 +52,106 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         build_checkpoint(model_dir, like=args.like, dtype=torch.bfloat16, device="cuda")
     if not (work / "data/coco/annotations/coco_karpathy_test.json").exists():
-        make_synthetic_coco(work / "data/coco", train_images=1, test_images=args.images, seed=0,
-                            image_size=(640, 480))
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        make_synthetic_coco(work / "data/coco", train_images=1, test_images=args.images, seed=0, image_size=(640, 480))
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)  # the original's path first: chat() under the default attention
     entries, _ = read_entries(CAPTION_SETS["coco"], str(work))
     caption_set = CAPTION_SETS["coco"]
     flop_model = FlopModel.from_config(model.config)
     tiles, prompt_tokens = 7, 7 * model.num_image_token + 60
-    flops_per_image = flop_model.vision_flops(tiles) + flop_model.llm_flops([prompt_tokens], 1, backward=False) + \
-        caption_set.max_new_tokens * 2 * (flop_model.llm_matmul_params + model.config.llm_config.hidden_size
-                                          * model.config.llm_config.vocab_size)
+    flops_per_image = (
+        flop_model.vision_flops(tiles)
+        + flop_model.llm_flops([prompt_tokens], 1, backward=False)
+        + caption_set.max_new_tokens
+        * 2
+        * (flop_model.llm_matmul_params + model.config.llm_config.hidden_size * model.config.llm_config.vocab_size)
+    )
     peak = peak_tflops(torch.cuda.get_device_name())
 
     def measure(label, engine, batch_size, subset, flags=()):
-        options = SimpleNamespace(engine=engine, batch_size=batch_size, num_workers=args.num_workers, dynamic=True,
-                                  max_num=6, num_beams=1, temperature=0.0, profile=args.profile,
-                                  cuda_graphs="nographs" not in flags)
+        options = SimpleNamespace(
+            engine=engine,
+            batch_size=batch_size,
+            num_workers=args.num_workers,
+            dynamic=True,
+            max_dynamic_patch=6,
+            num_beams=1,
+            temperature=0.0,
+            profile=args.profile,
+            cuda_graphs="nographs" not in flags,
+        )
         torch.cuda.reset_peak_memory_stats()
-        ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1,
-                                                           device)
+        ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1, device)
         rate = len(ids) / seconds
-        row = {"path": label, "engine": engine, "batch": batch_size, "images": len(ids), "seconds": round(seconds, 1),
-               "images_per_s": round(rate, 2), "prefill_tokens_per_s": round(rate * prompt_tokens),
-               "tflops": round(rate * flops_per_image / 1e12, 1),
-               "mfu": round(rate * flops_per_image / 1e12 / peak, 3) if peak else None,
-               "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-               "data_wait_s": round(waited, 1)}
+        row = {
+            "path": label,
+            "engine": engine,
+            "batch": batch_size,
+            "images": len(ids),
+            "seconds": round(seconds, 1),
+            "images_per_s": round(rate, 2),
+            "prefill_tokens_per_s": round(rate * prompt_tokens),
+            "tflops": round(rate * flops_per_image / 1e12, 1),
+            "mfu": round(rate * flops_per_image / 1e12 / peak, 3) if peak else None,
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            "data_wait_s": round(waited, 1),
+        }
         print(row, flush=True)
         return row, captions
 
     def save(rows):  # after every row: a run cut short keeps what it measured
         if args.json:
-            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.like,
-                                                   "flops_per_image": flops_per_image, "rows": rows}, indent=1))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "device": torch.cuda.get_device_name(),
+                        "model": args.like,
+                        "flops_per_image": flops_per_image,
+                        "rows": rows,
+                    },
+                    indent=1,
+                )
+            )
 
-    warm = entries[:8]
-    measure("warm-up", "fast", 8, warm)
+    runs = [run.split("+") for run in args.batch_sizes.split(",")]
+    for batch_size, *flags in runs:
+        if set(flags) - {"nographs"} or not batch_size.isdigit():
+            parser.error(f"--batch-sizes: {'+'.join([batch_size, *flags])} is not N or N+nographs")
     rows = []
-    fused_kernels.ENABLED = False  # the original's eager ops between the matmuls
+    measure("warm-up", "hf", 1, entries[:2])
     baseline, baseline_captions = measure("original: chat(), batch 1", "hf", 1, entries[: args.baseline_images])
     rows.append(baseline)
     save(rows)
-    for run in args.batch_sizes.split(","):
-        batch_size, *flags = run.split("+")
-        unknown = set(flags) - {"nographs", "nokernels"}
-        if unknown:
-            parser.error(f"unknown option(s) {sorted(unknown)} in --batch-sizes {run}")
+    del model
+    torch.cuda.empty_cache()
+    model = load_model(model_dir, attn_implementation=fast_engine_attention(None))  # as evaluate_caption loads it
+    measure("warm-up", "fast", 8, entries[:8])
+    for batch_size, *flags in runs:
         label = f"fast engine, batch {batch_size}" + "".join(f", {flag}" for flag in flags)
-        fused_kernels.ENABLED = "nokernels" not in flags
         try:
             row, captions = measure(label, "fast", int(batch_size), entries, flags)
         except Exception as error:  # e.g. out of memory: report it, keep the other rows
             print(f"{label}: {type(error).__name__}: {error}", flush=True)
             continue
-        finally:
-            fused_kernels.ENABLED = True
         row["speedup"] = round(row["images_per_s"] / baseline["images_per_s"], 1)
-        row["same_captions_as_batch_1_on_its_images"] = sum(
-            a == b for a, b in zip(captions, baseline_captions)) / len(baseline_captions)
+        row["same_captions_as_batch_1_on_its_images"] = sum(a == b for a, b in zip(captions, baseline_captions)) / len(
+            baseline_captions
+        )
         rows.append(row)
         save(rows)
 
-    print(f"\n{torch.cuda.get_device_name()}, {args.like} (random weights, bf16), {prompt_tokens} prompt tokens, "
-          f"{flops_per_image / 1e12:.1f} TFLOP per image")
+    print(
+        f"\n{torch.cuda.get_device_name()}, {args.like} (random weights, bf16), {prompt_tokens} prompt tokens, "
+        f"{flops_per_image / 1e12:.1f} TFLOP per image"
+    )
     print("| path | images | s | images/s | prefill tokens/s | TFLOP/s | MFU | peak GB | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['path']} | {row['images']} | {row['seconds']} | {row['images_per_s']} | "
-              f"{row['prefill_tokens_per_s']:,} | {row['tflops']} | {row['mfu']} | {row['peak_memory_gb']} | "
-              f"{row.get('speedup', 1.0)} |")
+        print(
+            f"| {row['path']} | {row['images']} | {row['seconds']} | {row['images_per_s']} | "
+            f"{row['prefill_tokens_per_s']:,} | {row['tflops']} | {row['mfu']} | {row['peak_memory_gb']} | "
+            f"{row.get('speedup', 1.0)} |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ a full static KV cache ([batch, 8 kv heads, 1,880, 128], 16 query heads). For ea
 the bytes that must move divided by that time, and the difference from the reference (the largest, and the
 share of outputs not bit-identical; the decoding row is compared with fp32).
 """
+
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,15 +68,20 @@ def main() -> None:
         x = torch.randn(tokens, width, device=device, dtype=dtype)
         norm = fused_kernels.RMSNorm(width, eps=1e-5).to(device, dtype)
         norm.weight.normal_(1.0, 0.1)
-        fused_kernels.ENABLED = False
-        reference = norm(x)
+        eager_norm = partial(fused_kernels.rms_norm_reference, weight=norm.weight, eps=1e-5)
+        reference = eager_norm(x)
         moved = 2 * x.numel() * x.element_size()
-        rows.append(row("rms_norm: reference (eager)", lambda: norm(x), moved))
-        fused_kernels.ENABLED = True
+        rows.append(row("rms_norm: reference (eager)", lambda: eager_norm(x), moved))
         rows.append(row("rms_norm: triton", lambda: norm(x), moved, reference))
-        rows.append(row("rms_norm: F.rms_norm (for comparison)", lambda: F.rms_norm(x, (width,), norm.weight, 1e-5),
-                        moved, reference))
-        del x, reference
+        rows.append(
+            row(
+                "rms_norm: F.rms_norm (for comparison)",
+                lambda: F.rms_norm(x, (width,), norm.weight, 1e-5),
+                moved,
+                reference,
+            )
+        )
+        x = reference = None  # free the memory before the next rows
 
         gate = torch.randn(65536, 8192, device=device, dtype=dtype)
         up = torch.randn_like(gate)
@@ -82,7 +89,7 @@ def main() -> None:
         moved = 3 * gate.numel() * gate.element_size()
         rows.append(row("silu_mul: reference (eager)", lambda: F.silu(gate) * up, moved))
         rows.append(row("silu_mul: triton", lambda: fused_kernels.silu_mul(gate, up), moved, reference))
-        del gate, up, reference
+        gate = up = reference = None
 
         # q as the fused wqkv hands it over: a strided view of [tokens, 8 kv heads, 2 q + k + v, 128]
         length = 1850
@@ -90,23 +97,33 @@ def main() -> None:
         q = qkv[..., :2, :].reshape(args.batch // 4, length, 16, 128).transpose(1, 2)
         angles = torch.randn(1, length, 128, device=device)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        fused_kernels.ENABLED = False
-        reference = fused_kernels.apply_rotary(q, cos, sin)
+        reference = fused_kernels.rotary_reference(q, cos, sin)
         moved = 2 * q.numel() * q.element_size()
-        rows.append(row("rotary (q, quarter batch): reference (eager)", lambda: fused_kernels.apply_rotary(q, cos, sin),
-                        moved))
-        fused_kernels.ENABLED = True
-        rows.append(row("rotary (q, quarter batch): triton", lambda: fused_kernels.apply_rotary(q, cos, sin), moved,
-                        reference))
-        del qkv, q, reference
+        rows.append(
+            row(
+                "rotary (q, quarter batch): reference (eager)",
+                lambda: fused_kernels.rotary_reference(q, cos, sin),
+                moved,
+            )
+        )
+        rows.append(
+            row("rotary (q, quarter batch): triton", lambda: fused_kernels.apply_rotary(q, cos, sin), moved, reference)
+        )
+        qkv = q = reference = None
 
         residual = torch.randn(args.batch * 7 * 1025, 1024, device=device, dtype=dtype)
         branch, scale = torch.randn_like(residual), torch.rand(1024, device=device, dtype=dtype)
         reference = residual + branch * scale
         moved = 3 * residual.numel() * residual.element_size()
         rows.append(row("layer-scaled residual (ViT): reference (eager)", lambda: residual + branch * scale, moved))
-        rows.append(row("layer-scaled residual (ViT): triton",
-                        lambda: fused_kernels.add_scaled(residual, branch, scale), moved, reference))
+        rows.append(
+            row(
+                "layer-scaled residual (ViT): triton",
+                lambda: fused_kernels.add_scaled(residual, branch, scale),
+                moved,
+                reference,
+            )
+        )
         layer_norm = fused_kernels.LayerNorm(1024, eps=1e-6).to(device, dtype)
         layer_norm.weight.normal_(1.0, 0.1)
         layer_norm.bias.normal_(0.0, 0.1)
@@ -118,28 +135,43 @@ def main() -> None:
         rows.append(row("LayerNorm (ViT): triton", lambda: layer_norm(residual), moved, reference))
         reference = eager_norm(residual + branch * scale)
         moved = 4 * residual.numel() * residual.element_size()
-        rows.append(row("layer-scaled residual + LayerNorm (ViT): reference (eager)",
-                        lambda: eager_norm(residual + branch * scale), moved))
-        rows.append(row("layer-scaled residual + LayerNorm (ViT): triton, one pass",
-                        lambda: fused_kernels.add_then_norm(residual, branch, scale, layer_norm)[1], moved,
-                        reference))
-        del residual, branch, reference
+        rows.append(
+            row(
+                "layer-scaled residual + LayerNorm (ViT): reference (eager)",
+                lambda: eager_norm(residual + branch * scale),
+                moved,
+            )
+        )
+        rows.append(
+            row(
+                "layer-scaled residual + LayerNorm (ViT): triton, one pass",
+                lambda: fused_kernels.add_then_norm(residual, branch, scale, layer_norm)[1],
+                moved,
+                reference,
+            )
+        )
+        residual = branch = reference = None
 
         x = torch.randn(args.batch * 1850, 2048, device=device, dtype=dtype)
         branch = torch.randn_like(x)
         norm.to(device, dtype)
-        fused_kernels.ENABLED = False
-        reference = norm(x + branch)
+        reference = eager_norm(x + branch)
         moved = 4 * x.numel() * x.element_size()
-        rows.append(row("residual add + RMSNorm (LLM): reference (eager)", lambda: norm(x + branch), moved))
-        fused_kernels.ENABLED = True
-        rows.append(row("residual add + RMSNorm (LLM): triton, one pass",
-                        lambda: fused_kernels.add_then_norm(x, branch, None, norm)[1], moved, reference))
-        del x, branch, reference
+        rows.append(row("residual add + RMSNorm (LLM): reference (eager)", lambda: eager_norm(x + branch), moved))
+        rows.append(
+            row(
+                "residual add + RMSNorm (LLM): triton, one pass",
+                lambda: fused_kernels.add_then_norm(x, branch, None, norm)[1],
+                moved,
+                reference,
+            )
+        )
+        x = branch = reference = None
 
         # the ViT's patch embedding over a batch of tiles: cuDNN's convolution against the matmul the model runs
         from internvl_chat.model.configuration_intern_vit import InternVisionConfig
         from internvl_chat.model.modeling_intern_vit import InternVisionEmbeddings
+
         embeddings = InternVisionEmbeddings(InternVisionConfig(hidden_size=1024, image_size=448, patch_size=14))
         embeddings.to(device, dtype)
         pixels = torch.randn(args.batch * 7, 3, 448, 448, device=device, dtype=dtype)
@@ -147,9 +179,8 @@ def main() -> None:
         reference = conv(pixels).flatten(2).transpose(1, 2)
         moved = pixels.numel() * pixels.element_size() + reference.numel() * reference.element_size()
         rows.append(row("patch embedding: nn.Conv2d (cuDNN)", lambda: conv(pixels), moved))
-        rows.append(row("patch embedding: as one matmul", lambda: embeddings._embed_patches(pixels), moved,
-                        reference))
-        del pixels, reference
+        rows.append(row("patch embedding: as one matmul", lambda: embeddings._embed_patches(pixels), moved, reference))
+        pixels = reference = None
 
         batch, heads, kv_heads, head_dim, capacity = args.batch, 16, 8, 128, 1880
         filled = capacity - 10
@@ -157,19 +188,28 @@ def main() -> None:
         key = torch.randn(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
         value = torch.randn_like(key)
         length = torch.tensor([filled], device=device)
-        mask = torch.zeros(capacity, device=device).masked_fill(torch.arange(capacity, device=device) >= filled,
-                                                                float("-inf"))[None, None, None]
+        mask = torch.zeros(capacity, device=device).masked_fill(
+            torch.arange(capacity, device=device) >= filled, float("-inf")
+        )[None, None, None]
         scaling = head_dim**-0.5
         exact = reference_decode_attention(query.float(), key.float(), value.float(), mask, scaling)
         moved = 2 * key.numel() * key.element_size()
-        rows.append(row("decode attention (fast engine: 2 batched matmuls over the cache)",
-                        lambda: reference_decode_attention(query, key, value, mask, scaling), moved, exact))
+        rows.append(
+            row(
+                "decode attention (fast engine: 2 batched matmuls over the cache)",
+                lambda: reference_decode_attention(query, key, value, mask, scaling),
+                moved,
+                exact,
+            )
+        )
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}")
     print("| kernel | ms | GB/s | max abs diff | share of outputs differing |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['ms']} | {r['GB_per_s']:,} | {r.get('max_abs_diff', '')} | "
-              f"{r.get('share_differing', '')} |")
+        print(
+            f"| {r['kernel']} | {r['ms']} | {r['GB_per_s']:,} | {r.get('max_abs_diff', '')} | "
+            f"{r.get('share_differing', '')} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 

@@ -13,11 +13,13 @@ Stages, each through the real scripts with environment overrides:
   7. demo_out/: the before/after table (report.md), a chart (report.png) and a page of pictures with their
      reference, before and after captions (index.html)
 """
+
 import argparse
 import html
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,16 +36,31 @@ MODEL = "pretrained/InternVL2-tiny"
 RUN = "work_dirs/internvl_chat_v2_0/demo_lora_coco"
 
 
+def free_port() -> int:
+    """A port the OS reports free, so that the demo's torchrun does not collide with another run on this host."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def stage(number: int, text: str) -> None:
     print(f"\n=== [{number}/7] {text} ===", flush=True)
 
 
 def run(command: list[str], env: dict | None = None, log: Path | None = None) -> str:
     """Run a step, show its output live, stop the demo if it fails."""
-    print("$ " + " ".join(f"{k}={v}" for k, v in (env or {}).items()) + (" " if env else "") + " ".join(command),
-          flush=True)
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    print(
+        "$ " + " ".join(f"{k}={v}" for k, v in (env or {}).items()) + (" " if env else "") + " ".join(command),
+        flush=True,
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -74,10 +91,12 @@ def data_setup(args) -> tuple[Path, list[str]]:
         coco = args.out / "data/coco"
         print(f"data/coco holds a real COCO: the synthetic one goes to {coco}")
     meta = args.out / "coco_caption.json"
-    make_synthetic_coco(coco, train_images=args.train_images, test_images=args.test_images, seed=args.seed,
-                        force=True, meta_path=meta)
-    print(f"synthetic COCO: {args.train_images} train pictures x 5 captions, {args.test_images} test pictures "
-          f"in {coco}")
+    make_synthetic_coco(
+        coco, train_images=args.train_images, test_images=args.test_images, seed=args.seed, force=True, meta_path=meta
+    )
+    print(
+        f"synthetic COCO: {args.train_images} train pictures x 5 captions, {args.test_images} test pictures in {coco}"
+    )
     return meta, root_args
 
 
@@ -95,15 +114,17 @@ def chat_with_automodel(merged: Path, image: Path) -> str:
         "                          max_num=model.config.max_dynamic_patch)\n"
         "answer = model.chat(tokenizer, pixel_values, CAPTION_PROMPT,\n"
         "                    dict(max_new_tokens=30, do_sample=False))\n"
-        "print('AutoModel caption:', answer)\n")
+        "print('AutoModel caption:', answer)\n"
+    )
     output = run([sys.executable, "-c", script, str(merged), str(image)], env={"HF_HUB_OFFLINE": "1"})
     return output.split("AutoModel caption:")[-1].strip()
 
 
 def write_report(args, before, after, before_results, after_results, test_entries, chat_answer, elapsed):
     out = args.out
-    rows = [f"| {name} | {before[name]:.3f} | {after[name]:.3f} | {after[name] - before[name]:+.3f} |"
-            for name in METRICS]
+    rows = [
+        f"| {name} | {before[name]:.3f} | {after[name]:.3f} | {after[name] - before[name]:+.3f} |" for name in METRICS
+    ]
     table = "\n".join(["| metric | before | after LoRA | change |", "|---|---|---|---|", *rows])
     print("\n" + table + "\n")
     state = json.loads((REPO / RUN / "trainer_state.json").read_text())
@@ -121,7 +142,7 @@ def write_report(args, before, after, before_results, after_results, test_entrie
     bars.set_xticks(list(positions), METRICS, rotation=30)
     bars.set_title("COCO caption metrics on the synthetic test set")
     bars.legend()
-    curve.plot([s for s, _ in losses], [l for _, l in losses])
+    curve.plot([step for step, _ in losses], [loss for _, loss in losses])
     curve.set_xlabel("optimizer step")
     curve.set_ylabel("training loss")
     curve.set_title("LoRA r128 fine-tuning (lora_coco launcher)")
@@ -131,8 +152,9 @@ def write_report(args, before, after, before_results, after_results, test_entrie
     (out / "report.md").write_text(
         f"# Demo: InternVL2 LoRA fine-tuning on a synthetic COCO\n\n{table}\n\n"
         f"Training: {len(losses)} steps, loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}. "
-        f"AutoModel caption of the first test picture: \"{chat_answer}\". Whole demo: {elapsed:.0f} s.\n\n"
-        f"![before/after](report.png)\n")
+        f'AutoModel caption of the first test picture: "{chat_answer}". Whole demo: {elapsed:.0f} s.\n\n'
+        f"![before/after](report.png)\n"
+    )
 
     before_by_id = {r["image_id"]: r["caption"] for r in before_results}
     after_by_id = {r["image_id"]: r["caption"] for r in after_results}
@@ -147,16 +169,23 @@ def write_report(args, before, after, before_results, after_results, test_entrie
         cards.append(
             f"<div class=card><img src='images/{image.name}'><p><b>before:</b> "
             f"{html.escape(before_by_id[image_id])}</p><p><b>after:</b> {html.escape(after_by_id[image_id])}</p>"
-            f"<details><summary>references</summary><ul>{references}</ul></details></div>")
-    style = ("body{font-family:sans-serif;margin:2em} .card{display:inline-block;width:300px;vertical-align:top;"
-             "margin:8px;padding:8px;border:1px solid #ccc} .card img{width:100%} table{border-collapse:collapse}"
-             " td,th{border:1px solid #ccc;padding:4px 8px}")
-    table_html = "<table><tr><th>metric</th><th>before</th><th>after LoRA</th></tr>" + "".join(
-        f"<tr><td>{m}</td><td>{before[m]:.3f}</td><td>{after[m]:.3f}</td></tr>" for m in METRICS) + "</table>"
+            f"<details><summary>references</summary><ul>{references}</ul></details></div>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:2em} .card{display:inline-block;width:300px;vertical-align:top;"
+        "margin:8px;padding:8px;border:1px solid #ccc} .card img{width:100%} table{border-collapse:collapse}"
+        " td,th{border:1px solid #ccc;padding:4px 8px}"
+    )
+    table_html = (
+        "<table><tr><th>metric</th><th>before</th><th>after LoRA</th></tr>"
+        + "".join(f"<tr><td>{m}</td><td>{before[m]:.3f}</td><td>{after[m]:.3f}</td></tr>" for m in METRICS)
+        + "</table>"
+    )
     (out / "index.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>InternVL2 demo</title><style>{style}</style>"
         f"<h1>InternVL2 LoRA fine-tuning on a synthetic COCO</h1>{table_html}<p><img src='report.png' "
-        f"width=900></p><h2>Test pictures</h2>{''.join(cards)}")
+        f"width=900></p><h2>Test pictures</h2>{''.join(cards)}"
+    )
     print(f"report: {out / 'report.md'}, {out / 'report.png'}, {out / 'index.html'}")
 
 
@@ -167,8 +196,11 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=40)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--learning-rate", default="3e-3", help="the tiny model learns at a higher rate than 4e-5")
-    parser.add_argument("--max-tiles", default="2", help="dynamic tiles per image in training and evaluation "
-                                                           "(the tutorial's 6 works too, 3-4x slower on a CPU)")
+    parser.add_argument(
+        "--max-dynamic-patch",
+        default="2",
+        help="most tiles per image in training and evaluation (the tutorial's 6 works too, 3-4x slower on a CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--html-images", type=int, default=12)
     args = parser.parse_args()
@@ -178,14 +210,33 @@ def main() -> None:
 
     stage(1, "build the tiny model and the synthetic COCO")
     if not (REPO / MODEL / "config.json").exists():
-        run([sys.executable, "tools/make_tiny_model.py", MODEL, "--image-size", "224", "--pretrain-steps", "150",
-             "--seed", str(args.seed)])
+        run(
+            [
+                sys.executable,
+                "tools/make_tiny_model.py",
+                MODEL,
+                "--image-size",
+                "224",
+                "--pretrain-steps",
+                "150",
+                "--seed",
+                str(args.seed),
+            ]
+        )
     else:
         print(f"{MODEL} exists: using it")
     meta, root_args = data_setup(args)
 
     evaluation = ["sh", "evaluate.sh"]
-    common = ["caption-coco", "--dynamic", "--max-num", args.max_tiles, "--batch-size", "8", *root_args]
+    common = [
+        "caption-coco",
+        "--dynamic",
+        "--max-dynamic-patch",
+        args.max_dynamic_patch,
+        "--batch-size",
+        "8",
+        *root_args,
+    ]
     stage(2, "evaluate the tiny base model")
     shutil.rmtree(args.out / "results_before", ignore_errors=True)
     run(evaluation + [MODEL, *common, "--out-dir", str(args.out / "results_before")], env={"GPUS": "1"})
@@ -193,11 +244,34 @@ def main() -> None:
 
     stage(3, "LoRA fine-tuning with the tutorial's launcher")
     shutil.rmtree(REPO / RUN, ignore_errors=True)  # a fresh run, not a resume of an earlier demo
-    env = {"GPUS": "2", "BATCH_SIZE": "16", "PER_DEVICE_BATCH_SIZE": "4", "MODEL": MODEL, "META_PATH": str(meta),
-           "OUTPUT_DIR": RUN, "MASTER_PORT": "34231"}
-    run(["sh", LAUNCHER, "--force_image_size", "224", "--max_dynamic_patch", args.max_tiles,
-         "--num_train_epochs", str(args.epochs),
-         "--learning_rate", args.learning_rate, "--dataloader_num_workers", "1", "--save_steps", "50"], env=env)
+    env = {
+        "GPUS": "2",
+        "BATCH_SIZE": "16",
+        "PER_DEVICE_BATCH_SIZE": "4",
+        "MODEL": MODEL,
+        "META_PATH": str(meta),
+        "OUTPUT_DIR": RUN,
+        "MASTER_PORT": str(free_port()),
+    }
+    run(
+        [
+            "sh",
+            LAUNCHER,
+            "--force_image_size",
+            "224",
+            "--max_dynamic_patch",
+            args.max_dynamic_patch,
+            "--num_train_epochs",
+            str(args.epochs),
+            "--learning_rate",
+            args.learning_rate,
+            "--dataloader_num_workers",
+            "1",
+            "--save_steps",
+            "50",
+        ],
+        env=env,
+    )
 
     stage(4, "evaluate the LoRA output (unmerged)")
     shutil.rmtree(args.out / "results_after", ignore_errors=True)

@@ -18,6 +18,7 @@ The same flags always give byte-identical files. Examples:
       --meta data/coco_small/coco_caption.json                          # and a meta file for the launcher
   python -m internvl_chat.data.validate --root data/coco                # check the result
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -47,36 +48,64 @@ def parse_size(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/coco", help="output root (default: %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=300,
-                        help="train images; each gives --captions-per-image lines of the train jsonl "
-                             "(default: %(default)s)")
-    parser.add_argument("--test-images", type=positive_int, default=100,
-                        help="test images, all in val2014/ (default: %(default)s)")
-    parser.add_argument("--captions-per-image", type=positive_int, default=5,
-                        help="captions per image, like COCO's five (default: %(default)s)")
+    parser.add_argument(
+        "--train-images",
+        type=positive_int,
+        default=300,
+        help="train images; each gives --captions-per-image lines of the train jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-images", type=positive_int, default=100, help="test images, all in val2014/ (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--captions-per-image",
+        type=positive_int,
+        default=5,
+        help="captions per image, like COCO's five (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="changes every picture and caption (default: 0)")
-    parser.add_argument("--meta", metavar="PATH",
-                        help="also write a meta file like shell/data/coco_caption.json that points at --out, "
-                             "with the right length")
-    parser.add_argument("--image-size", metavar="WxH", type=parse_size, default=None,
-                        help="give every picture this size, e.g. 640x480 (default: a COCO-like mix of sizes)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an earlier synthetic build in --out (a folder that is not one is never "
-                             "touched)")
+    parser.add_argument(
+        "--meta",
+        metavar="PATH",
+        help="also write a meta file like shell/data/coco_caption.json that points at --out, with the right length",
+    )
+    parser.add_argument(
+        "--image-size",
+        metavar="WxH",
+        type=parse_size,
+        default=None,
+        help="give every picture this size, e.g. 640x480 (default: a COCO-like mix of sizes)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier synthetic build in --out (a folder that is not one is never touched)",
+    )
     args = parser.parse_args()
 
     try:
-        summary = make_synthetic_coco(args.out, train_images=args.train_images, test_images=args.test_images,
-                                      seed=args.seed, captions_per_image=args.captions_per_image,
-                                      force=args.force, meta_path=args.meta, progress=True,
-                                      image_size=args.image_size)
+        summary = make_synthetic_coco(
+            args.out,
+            train_images=args.train_images,
+            test_images=args.test_images,
+            seed=args.seed,
+            captions_per_image=args.captions_per_image,
+            force=args.force,
+            meta_path=args.meta,
+            progress=True,
+            image_size=args.image_size,
+        )
     except SyntheticCocoError as error:
         sys.exit(f"make_synthetic_coco: {error}")
     by_folder = summary["train_images_by_folder"]
-    print(f"wrote a synthetic COCO to {summary['root']} in {summary['seconds']:.1f} s "
-          f"({summary['bytes'] / 2**20:.1f} MiB):")
-    print(f"  train: {summary['train_images']} images ({by_folder['train2014']} in train2014/, "
-          f"{by_folder['val2014']} restval in val2014/), {summary['train_lines']} caption lines")
+    print(
+        f"wrote a synthetic COCO to {summary['root']} in {summary['seconds']:.1f} s "
+        f"({summary['bytes'] / 2**20:.1f} MiB):"
+    )
+    print(
+        f"  train: {summary['train_images']} images ({by_folder['train2014']} in train2014/, "
+        f"{by_folder['val2014']} restval in val2014/), {summary['train_lines']} caption lines"
+    )
     print(f"  test:  {summary['test_images']} images in val2014/, {summary['captions_per_image']} captions each")
     print("  sizes: " + ", ".join(f"{size} x{count}" for size, count in summary["image_sizes"].items()))
     for name, path in summary["files"].items():

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Build a random InternVL2 checkpoint in the real format.
 
-  python tools/make_tiny_model.py pretrained/InternVL2-tiny                 # tiny InternLM2 model (demo, tests)
-  python tools/make_tiny_model.py OUT --llm qwen2 --vit 6b                  # other LLM / ViT families
-  python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # random weights at full size
+python tools/make_tiny_model.py pretrained/InternVL2-tiny                 # tiny InternLM2 model (demo, tests)
+python tools/make_tiny_model.py OUT --llm qwen2 --vit 6b                  # other LLM / ViT families
+python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # random weights at full size
 """
+
 import argparse
 import sys
 import time
@@ -29,13 +30,22 @@ def main() -> None:
     parser.add_argument("--vit-hidden", type=int, default=64)
     parser.add_argument("--vit-layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=448, help="tile size of a tiny model (224: 4x cheaper)")
-    parser.add_argument("--pretrain-steps", type=int, default=0,
-                        help="teach the tiny LLM to talk first (text-only next-token training; the demo uses 150)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="teach the tiny LLM to talk first (text-only next-token training; the demo uses 150)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="stored dtype (default: float32 for tiny models, bfloat16 with --like)")
-    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster "
-                                                         "for --like)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="stored dtype (default: float32 for tiny models, bfloat16 with --like)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where to initialise the weights (cuda is much faster for --like)"
+    )
     parser.add_argument("--force", action="store_true", help="write into a folder that already has a checkpoint")
     args = parser.parse_args()
 
@@ -44,11 +54,28 @@ def main() -> None:
         parser.error(f"{out / 'config.json'} exists; pass --force to overwrite that checkpoint")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.like else "float32"))
     start = time.time()
-    tiny_dims = {} if args.like else dict(llm_hidden=args.llm_hidden, llm_layers=args.llm_layers,
-                                           vit_hidden=args.vit_hidden, vit_layers=args.vit_layers,
-                                           image_size=args.image_size)
-    build_checkpoint(out, llm=args.llm, vit=args.vit, like=args.like, seed=args.seed, dtype=dtype,
-                     device=args.device, pretrain_steps=args.pretrain_steps, **tiny_dims)
+    tiny_dims = (
+        {}
+        if args.like
+        else dict(
+            llm_hidden=args.llm_hidden,
+            llm_layers=args.llm_layers,
+            vit_hidden=args.vit_hidden,
+            vit_layers=args.vit_layers,
+            image_size=args.image_size,
+        )
+    )
+    build_checkpoint(
+        out,
+        llm=args.llm,
+        vit=args.vit,
+        like=args.like,
+        seed=args.seed,
+        dtype=dtype,
+        device=args.device,
+        pretrain_steps=args.pretrain_steps,
+        **tiny_dims,
+    )
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
     what = args.like or f"tiny {args.llm} + InternViT-{args.vit}"
     dtype_name = str(dtype).removeprefix("torch.")

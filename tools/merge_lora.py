@@ -8,6 +8,7 @@ AutoModel.from_pretrained(out, trust_remote_code=True): remote-code files, auto_
 (its max_dynamic_patch and template, LoRA fields set to 0), generation_config.json and the tokenizer. The
 tutorial's two `cp` commands afterwards are not needed (and would replace the fine-tune's config).
 """
+
 import argparse
 import contextlib
 import io
@@ -43,16 +44,19 @@ def check_free_space(output: Path, needed: int) -> None:
     parent = parent if parent.exists() else Path(".")
     free = shutil.disk_usage(parent).free
     if free < needed:
-        raise MergeError(f"not enough disk space for {output}: {needed / 2**30:.1f} GiB needed, "
-                         f"{free / 2**30:.1f} GiB free")
+        raise MergeError(
+            f"not enough disk space for {output}: {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+        )
 
 
 def check_inputs(input_path: Path, output_path: Path, force: bool) -> dict:
     check_checkpoint_folder(input_path)
     config = json.loads((input_path / "config.json").read_text())
     if not config.get("use_llm_lora") and not config.get("use_backbone_lora"):
-        raise MergeError(f"{input_path / 'config.json'} has use_llm_lora 0 and use_backbone_lora 0: there is no "
-                         f"LoRA to merge (this is already a plain checkpoint)")
+        raise MergeError(
+            f"{input_path / 'config.json'} has use_llm_lora 0 and use_backbone_lora 0: there is no "
+            f"LoRA to merge (this is already a plain checkpoint)"
+        )
     if output_path.exists() and any(output_path.iterdir()) and not force:
         raise MergeError(f"{output_path} exists and is not empty; pass --force to write into it")
     if output_path.resolve() == input_path.resolve():

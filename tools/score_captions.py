@@ -7,6 +7,7 @@ machine does not:
 Prints BLEU-1..4, METEOR, ROUGE-L and CIDEr as the evaluation does (SPICE with --spice) and, with --json, writes
 them to a file. Every ground-truth image needs exactly one caption.
 """
+
 import argparse
 import json
 import sys

@@ -5,6 +5,7 @@ A bad line (unparsable JSON, missing or unreadable image, malformed conversation
 its file and line number; in strict mode it stops the run, otherwise it is skipped (the next line is used
 instead) and counted, so one broken file among half a million does not kill a multi-hour job.
 """
+
 import bisect
 import json
 import logging
@@ -53,11 +54,11 @@ class SupervisedDataset(Dataset):
         root: str | Path,
         annotation: str | Path,
         conversation_tokenizer: ConversationTokenizer,
+        max_dynamic_patch: int,
         image_size: int = 448,
         dynamic_image_size: bool = True,
         use_thumbnail: bool = True,
         min_dynamic_patch: int = 1,
-        max_dynamic_patch: int = 6,
         normalize_type: str = "imagenet",
         data_augment: bool = False,
         repeat_time: float = 1,
@@ -132,8 +133,10 @@ class SupervisedDataset(Dataset):
                 self.skipped += 1
                 logger.warning("skipping %s (%d skipped so far in this worker)", message, self.skipped)
                 index = (index + 1) % len(self)
-        raise SampleError(f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
-                          f"check the file with python -m internvl_chat.data.validate")
+        raise SampleError(
+            f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
+            f"check the file with python -m internvl_chat.data.validate"
+        )
 
     def build(self, index: int, pictures: tuple[torch.Tensor, list[int]] | None = None) -> dict:
         """One sample. `pictures` (pixel values, tiles per image) stand in for loading the item's images: the
@@ -144,8 +147,11 @@ class SupervisedDataset(Dataset):
         if paths:
             placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations)
             if placeholders == 0:
-                prefix = (f"{IMAGE_PLACEHOLDER}\n" if len(paths) == 1 else
-                          "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(paths))))
+                prefix = (
+                    f"{IMAGE_PLACEHOLDER}\n"
+                    if len(paths) == 1
+                    else "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(paths)))
+                )
                 conversations[0]["value"] = prefix + str(conversations[0].get("value", ""))
             pixel_values, num_tiles = pictures if pictures is not None else self.load_pictures(paths, index)
             image_flags = torch.ones(len(pixel_values), dtype=torch.long)
@@ -158,22 +164,35 @@ class SupervisedDataset(Dataset):
             logger.warning("%s: tokenization mismatch, the sample's labels are all ignored", self.where(index))
         # which picture this is, so a collator can put the captions of one picture together
         image_key = zlib.crc32(json.dumps(item.get("image")).encode()) if paths else -1 - index
-        return {**sample.as_dict(), "pixel_values": pixel_values, "image_flags": image_flags,
-                "image_key": torch.tensor(image_key, dtype=torch.long)}
+        return {
+            **sample.as_dict(),
+            "pixel_values": pixel_values,
+            "image_flags": image_flags,
+            "image_key": torch.tensor(image_key, dtype=torch.long),
+        }
 
     def load_pictures(self, paths: list[Path], index: int) -> tuple[torch.Tensor, list[int]]:
         """The item's images tiled and transformed: pixel values of all tiles, and the tile count of each image."""
         rng = random.Random(self.seed * 1_000_003 + index)  # augmentation independent of worker assignment
         max_num = max(1, self.max_dynamic_patch // len(paths))
-        tiles = [image_to_pixel_values(open_image(path), self.transform, self.dynamic_image_size,
-                                       self.min_dynamic_patch, max_num, self.use_thumbnail, rng)
-                 for path in paths]
+        tiles = [
+            image_to_pixel_values(
+                open_image(path),
+                self.transform,
+                self.dynamic_image_size,
+                self.min_dynamic_patch,
+                max_num,
+                self.use_thumbnail,
+                rng,
+            )
+            for path in paths
+        ]
         return torch.cat(tiles), [len(t) for t in tiles]
 
     def items_loading_each_picture_once(self, indices: list[int]) -> list[dict]:
         """The items of these indices, where adjacent captions of one picture (as ImageGroupedBatchSampler lays
         out a batch) open, tile and transform it once, with the first caption's augmentation, and share it. The
-        shared-image collator keeps only the first caption's pixels of a picture, so the batch is the same as from
+        grouped collator keeps only the first caption's pixels of a picture, so the batch is the same as from
         item-by-item loading, without decoding every picture once per caption."""
         runs = groupby(indices, key=self.picture_of)
         return [item for _, run in runs for item in self.items_of_one_picture(list(run))]
@@ -205,7 +224,7 @@ class SupervisedDataset(Dataset):
         return list(groups.values())
 
 
-class PicturesOnceDataset(Dataset):
+class ImageGroupedDataset(Dataset):
     """A concatenated dataset read a batch at a time (DataLoader hands a batch sampler's indices to
     __getitems__): adjacent captions of one picture load it once (items_loading_each_picture_once). For the
     batches of ImageGroupedBatchSampler, which hold every caption of a few pictures."""
@@ -237,7 +256,9 @@ def image_groups(dataset: ConcatDataset) -> list[list[int]]:
     return groups
 
 
-def load_meta(meta_path: str | Path) -> dict:
+def load_meta(meta_path: str | Path, data_root: str | Path | None = None) -> dict:
+    """The meta file's entries, their relative root and annotation paths resolved against data_root (default: the
+    current folder), each checked to exist."""
     meta_path = Path(meta_path)
     if not meta_path.is_file():
         raise MetaError(f"meta file {meta_path} does not exist")
@@ -247,30 +268,44 @@ def load_meta(meta_path: str | Path) -> dict:
         raise MetaError(f"meta file {meta_path} is not valid JSON: {error}") from error
     if not isinstance(meta, dict) or not meta:
         raise MetaError(f"meta file {meta_path} must map dataset names to {{root, annotation, ...}}")
+    base = Path(data_root) if data_root else Path()
     for name, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise MetaError(f"{meta_path}: dataset {name!r} must be an object with 'root' and 'annotation'")
         for key in ("root", "annotation"):
             if key not in entry:
                 raise MetaError(f"{meta_path}: dataset {name!r} has no {key!r}")
+            entry[key] = str(base / entry[key])  # an absolute path stays as it is
         if not str(entry["annotation"]).endswith(".jsonl"):
             raise MetaError(f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} must be a .jsonl file")
         if not Path(entry["annotation"]).is_file():
-            raise MetaError(f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} does not exist "
-                            f"(run tools/prepare_coco.sh, or tools/make_synthetic_coco.py for a synthetic set)")
+            raise MetaError(
+                f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} does not exist "
+                f"(run tools/prepare_coco.sh, or tools/make_synthetic_coco.py for a synthetic set)"
+            )
         if not Path(entry["root"]).is_dir():
             raise MetaError(f"{meta_path}: dataset {name!r}: image root {entry['root']} does not exist")
     return meta
 
 
-def build_datasets(meta_path: str | Path, conversation_tokenizer: ConversationTokenizer, **options) -> ConcatDataset:
-    """One SupervisedDataset per meta entry (its max_dynamic_patch overrides the default), concatenated."""
+def build_datasets(
+    meta_path: str | Path, conversation_tokenizer: ConversationTokenizer, data_root: str | Path | None = None, **options
+) -> ConcatDataset:
+    """One SupervisedDataset per meta entry (an entry's max_dynamic_patch overrides the option), concatenated."""
     datasets = []
-    for name, entry in load_meta(meta_path).items():
+    for name, entry in load_meta(meta_path, data_root).items():
         entry_options = dict(options)
         if "max_dynamic_patch" in entry:
             entry_options["max_dynamic_patch"] = entry["max_dynamic_patch"]
-        datasets.append(SupervisedDataset(
-            name, entry["root"], entry["annotation"], conversation_tokenizer,
-            data_augment=bool(entry.get("data_augment", False)), repeat_time=entry.get("repeat_time", 1),
-            **entry_options,
-        ))
+        datasets.append(
+            SupervisedDataset(
+                name,
+                entry["root"],
+                entry["annotation"],
+                conversation_tokenizer,
+                data_augment=bool(entry.get("data_augment", False)),
+                repeat_time=entry.get("repeat_time", 1),
+                **entry_options,
+            )
+        )
     return ConcatDataset(datasets)

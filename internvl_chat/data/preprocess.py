@@ -7,6 +7,7 @@ Speed without changing the result: every `<image>` is rendered as <img><IMG_CONT
 context token and expanded to 256 x tiles copies at the id level. Added tokens are atomic in the tokenizer, so
 this is identical to tokenizing the fully expanded string, and it is ~2000x less text to tokenize.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,12 @@ class TokenizedSample:
     mismatch: bool = False  # the piecewise token count disagreed with the whole: labels all ignored
 
     def as_dict(self) -> dict:
-        return {"input_ids": self.input_ids, "labels": self.labels, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
 
 
 def clean_conversation(conversations: list[dict]) -> list[tuple[str, str]]:
@@ -66,8 +71,14 @@ def clean_conversation(conversations: list[dict]) -> list[tuple[str, str]]:
 class ConversationTokenizer:
     """Renders a conversation with a chat template and tokenizes it with the original's label mask."""
 
-    def __init__(self, tokenizer, template_name: str, num_image_token: int, max_seq_length: int,
-                 system_message: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template_name: str,
+        num_image_token: int,
+        max_seq_length: int,
+        system_message: str | None = None,
+    ):
         self.tokenizer = tokenizer
         self.template_name = template_name
         self.num_image_token = num_image_token
@@ -121,18 +132,21 @@ class ConversationTokenizer:
         labels, mismatch = self._labels(rendered, expanded, num_tiles)
 
         if len(expanded) > self.max_seq_length:
-            cut = expanded[self.max_seq_length:]
+            cut = expanded[self.max_seq_length :]
             if self.context_id in cut or self.end_id in cut:
-                raise SampleError(f"{len(expanded)} tokens do not fit max_seq_length {self.max_seq_length} "
-                                  f"without cutting image tokens")
+                raise SampleError(
+                    f"{len(expanded)} tokens do not fit max_seq_length {self.max_seq_length} "
+                    f"without cutting image tokens"
+                )
             # text-only overflow: right truncation, as the original tokenizer call does
             expanded, labels = expanded[: self.max_seq_length], labels[: self.max_seq_length]
 
         input_ids = torch.tensor(expanded, dtype=torch.long)
         attention_mask = input_ids.ne(self.pad_id)
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 1)
-        return TokenizedSample(input_ids, torch.tensor(labels, dtype=torch.long), attention_mask, position_ids,
-                               mismatch)
+        return TokenizedSample(
+            input_ids, torch.tensor(labels, dtype=torch.long), attention_mask, position_ids, mismatch
+        )
 
     def _labels(self, rendered: str, ids: list[int], num_tiles: list[int]) -> tuple[list[int], bool]:
         """The original's counting: mask everything up to and including each assistant header, keep each
@@ -147,7 +161,7 @@ class ConversationTokenizer:
 
         def mask(count):
             nonlocal cursor
-            labels[cursor: cursor + count] = [IGNORE_INDEX] * len(labels[cursor: cursor + count])
+            labels[cursor : cursor + count] = [IGNORE_INDEX] * len(labels[cursor : cursor + count])
             cursor += count
 
         count, used = self._expanded_count(parts[0] + self.assistant_role, tiles)

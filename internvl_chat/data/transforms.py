@@ -4,9 +4,10 @@
 (plus a thumbnail of the whole image when there is more than one tile); `TileTransform` turns each tile into a
 normalised [3, S, S] tensor. Both reproduce the original pixel for pixel.
 """
+
 import io
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,16 @@ def open_image(path: str | Path, convert_rgb: bool = True) -> Image.Image:
     return image
 
 
-@lru_cache(maxsize=None)
+@cache
 def candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     """(columns, rows) grids with min_num <= columns*rows <= max_num, by ascending tile count."""
-    grids = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_num <= i * j <= max_num}
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
     return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
 
 
@@ -80,8 +86,9 @@ def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 6, image
     return find_closest_aspect_ratio(width / height, candidate_grids(min_num, max_num), width, height, image_size)
 
 
-def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = 448,
-                       use_thumbnail: bool = False) -> list[Image.Image]:
+def dynamic_preprocess(
+    image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = 448, use_thumbnail: bool = False
+) -> list[Image.Image]:
     """Row-major tiles of the resized image, then (if more than one tile) a thumbnail of the whole image."""
     columns, rows = tile_grid(image.width, image.height, min_num, max_num, image_size)
     # PIL's default resampling, as the original: bicubic, or nearest for palette and bilevel images.
@@ -132,18 +139,28 @@ class TileTransform:
         return self.normalize(self.to_uint8(tile, rng))
 
 
-def image_to_pixel_values(image: Image.Image, transform: TileTransform, dynamic: bool = True, min_num: int = 1,
-                          max_num: int = 6, use_thumbnail: bool = True,
-                          rng: random.Random | None = None) -> torch.Tensor:
+def image_to_pixel_values(
+    image: Image.Image,
+    transform: TileTransform,
+    dynamic: bool = True,
+    min_num: int = 1,
+    max_num: int = 6,
+    use_thumbnail: bool = True,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
     """An image as [T, 3, S, S]: dynamic tiles, or one S x S tile without dynamic resolution."""
     tiles = dynamic_preprocess(image, min_num, max_num, transform.image_size, use_thumbnail) if dynamic else [image]
     return torch.stack([transform(tile, rng) for tile in tiles])
 
 
-def load_image(path: str | Path, image_size: int = 448, max_num: int = 6, use_thumbnail: bool = True,
-               dynamic: bool = True, normalize_type: str = "imagenet") -> torch.Tensor:
+def load_image(
+    path: str | Path,
+    image_size: int = 448,
+    max_num: int = 6,
+    use_thumbnail: bool = True,
+    dynamic: bool = True,
+    normalize_type: str = "imagenet",
+) -> torch.Tensor:
     """The evaluation path: open (keeping the file's mode), tile, transform each tile."""
     transform = TileTransform(image_size, normalize_type)
-    return image_to_pixel_values(open_image(path, convert_rgb=False), transform, dynamic, 1, max_num,
-                                 use_thumbnail)
-
+    return image_to_pixel_values(open_image(path, convert_rgb=False), transform, dynamic, 1, max_num, use_thumbnail)

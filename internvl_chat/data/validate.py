@@ -11,6 +11,7 @@ With --root it checks the Karpathy files under ROOT/annotations/: the train json
 exist and open with PIL. Problems are reported as `file:line: reason`; the exit status is 1 when there is any.
 Both options may be given together.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ JPEG_END_MARKER = b"\xff\xd9"
 @dataclass
 class Report:
     """Everything found: errors fail the check, warnings do not."""
+
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     counts: dict[str, dict] = field(default_factory=dict)
@@ -46,7 +48,7 @@ class Report:
     def ok(self) -> bool:
         return not self.errors
 
-    def merge(self, other: "Report") -> None:
+    def merge(self, other: Report) -> None:
         self.errors += other.errors
         self.warnings += other.warnings
         self.counts.update(other.counts)
@@ -87,8 +89,9 @@ def _ends_like_jpeg(path: Path) -> bool:
         return JPEG_END_MARKER in handle.read()
 
 
-def check_images(images: dict[str, str], root: Path, workers: int, decode: bool, show_progress: bool,
-                 what: str) -> list[str]:
+def check_images(
+    images: dict[str, str], root: Path, workers: int, decode: bool, show_progress: bool, what: str
+) -> list[str]:
     """Check every image (relative path -> where it is first referenced); errors in reference order."""
     names = list(images)
 
@@ -97,8 +100,11 @@ def check_images(images: dict[str, str], root: Path, workers: int, decode: bool,
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(_progress(pool.map(check, names), len(names), f"checking {what} images", show_progress))
-    return [f"{images[name]}: {name}: {problem} (looked at {root / name})"
-            for name, problem in zip(names, results) if problem is not None]
+    return [
+        f"{images[name]}: {name}: {problem} (looked at {root / name})"
+        for name, problem in zip(names, results)
+        if problem is not None
+    ]
 
 
 def _folder_counts(images) -> dict[str, int]:
@@ -122,14 +128,17 @@ def _conversation_problem(record) -> str | None:
     if not isinstance(conversations, list) or not conversations:
         return "no 'conversations' list"
     for index, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or \
-                not isinstance(turn.get("value"), str):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
             return f"conversations[{index}] must be an object with string 'from' and 'value'"
     # The fine-tune drops a leading non-human turn (e.g. a system message), then needs human/gpt in turn.
     turns = conversations[1:] if conversations[0]["from"] != "human" else conversations
     roles = [turn["from"] for turn in turns]
     expected = ["human", "gpt"] * (len(roles) // 2 + 1)
-    if len(roles) < 2 or roles != expected[:len(roles)] or roles[-1] != "gpt":
+    if len(roles) < 2 or roles != expected[: len(roles)] or roles[-1] != "gpt":
         return f"conversations must alternate human/gpt and end with gpt, got {roles}"
     if not any(turn["value"].strip() for turn in turns if turn["from"] == "gpt"):
         return "the gpt answer is empty"
@@ -139,8 +148,9 @@ def _conversation_problem(record) -> str | None:
     return None
 
 
-def validate_train_jsonl(jsonl: Path, root: Path, workers: int = 8, decode: bool = False,
-                         show_progress: bool = True, label: str = "train") -> Report:
+def validate_train_jsonl(
+    jsonl: Path, root: Path, workers: int = 8, decode: bool = False, show_progress: bool = True, label: str = "train"
+) -> Report:
     """Every line of a fine-tune jsonl parses, has image + human/gpt conversations, and its images open."""
     report = Report()
     if not jsonl.is_file():
@@ -171,8 +181,12 @@ def validate_train_jsonl(jsonl: Path, root: Path, workers: int = 8, decode: bool
     if lines == 0:
         report.errors.append(f"{jsonl}: the file is empty")
     report.errors += check_images(images, root, workers, decode, show_progress, label)
-    report.counts[label] = {"file": str(jsonl), "lines": lines, "unique images": len(images),
-                            "images per folder": _folder_counts(images)}
+    report.counts[label] = {
+        "file": str(jsonl),
+        "lines": lines,
+        "unique images": len(images),
+        "images per folder": _folder_counts(images),
+    }
     report.images[label] = set(images)
     return report
 
@@ -185,8 +199,9 @@ def image_id_from_name(name: str) -> int:
     return int(name.split("_")[-1][:-4])
 
 
-def validate_test_json(test_json: Path, root: Path, workers: int = 8, decode: bool = False,
-                       show_progress: bool = True) -> tuple[Report, set[int]]:
+def validate_test_json(
+    test_json: Path, root: Path, workers: int = 8, decode: bool = False, show_progress: bool = True
+) -> tuple[Report, set[int]]:
     """A JSON list of {image, caption: [refs]}; returns the report and the test image ids."""
     report = Report()
     ids: set[int] = set()
@@ -199,8 +214,9 @@ def validate_test_json(test_json: Path, root: Path, workers: int = 8, decode: bo
         report.errors.append(f"{test_json}: not valid JSON ({error})")
         return report, ids
     if not isinstance(entries, list) or not entries:
-        report.errors.append(f"{test_json}: expected a non-empty JSON list of {{image, caption}} entries, "
-                             f"got {type(entries).__name__}")
+        report.errors.append(
+            f"{test_json}: expected a non-empty JSON list of {{image, caption}} entries, got {type(entries).__name__}"
+        )
         return report, ids
     images: dict[str, str] = {}
     reference_counts: Counter = Counter()
@@ -213,8 +229,10 @@ def validate_test_json(test_json: Path, root: Path, workers: int = 8, decode: bo
         try:
             image_id = image_id_from_name(name)
         except ValueError:
-            report.errors.append(f"{where}: cannot derive an image id from {name!r} (the evaluation expects "
-                                 f"names like val2014/COCO_val2014_000000391895.jpg)")
+            report.errors.append(
+                f"{where}: cannot derive an image id from {name!r} (the evaluation expects "
+                f"names like val2014/COCO_val2014_000000391895.jpg)"
+            )
             continue
         if image_id in ids:
             report.errors.append(f"{where}: image id {image_id} ({name}) appears twice")
@@ -222,19 +240,26 @@ def validate_test_json(test_json: Path, root: Path, workers: int = 8, decode: bo
         ids.add(image_id)
         images[name] = where
         captions = entry.get("caption")
-        if not isinstance(captions, list) or not captions or \
-                not all(isinstance(caption, str) and caption.strip() for caption in captions):
+        if (
+            not isinstance(captions, list)
+            or not captions
+            or not all(isinstance(caption, str) and caption.strip() for caption in captions)
+        ):
             report.errors.append(f"{where}: 'caption' must be a non-empty list of reference strings")
             continue
         reference_counts[len(captions)] += 1
     short = sum(count for refs, count in reference_counts.items() if refs < EXPECTED_REFERENCES)
     if short:
-        report.warnings.append(f"{test_json}: {short} test images have fewer than {EXPECTED_REFERENCES} "
-                               f"reference captions")
+        report.warnings.append(
+            f"{test_json}: {short} test images have fewer than {EXPECTED_REFERENCES} reference captions"
+        )
     report.errors += check_images(images, root, workers, decode, show_progress, "test")
-    report.counts["test"] = {"file": str(test_json), "images": len(images),
-                             "images per folder": _folder_counts(images),
-                             "references per image": dict(sorted(reference_counts.items()))}
+    report.counts["test"] = {
+        "file": str(test_json),
+        "images": len(images),
+        "images per folder": _folder_counts(images),
+        "references per image": dict(sorted(reference_counts.items())),
+    }
     return report, ids
 
 
@@ -253,9 +278,11 @@ def validate_test_gt(gt_json: Path, test_ids: set[int]) -> Report:
         with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its own progress lines
             coco = COCO(str(gt_json))
     except Exception as error:
-        report.errors.append(f"{gt_json}: pycocotools cannot load it ({type(error).__name__}: {error}); "
-                             f"it must be a COCO caption dict with 'images' [{{id}}] and 'annotations' "
-                             f"[{{image_id, caption, id}}]")
+        report.errors.append(
+            f"{gt_json}: pycocotools cannot load it ({type(error).__name__}: {error}); "
+            f"it must be a COCO caption dict with 'images' [{{id}}] and 'annotations' "
+            f"[{{image_id, caption, id}}]"
+        )
         return report
     for key in ("images", "annotations"):
         if key not in coco.dataset:
@@ -264,16 +291,21 @@ def validate_test_gt(gt_json: Path, test_ids: set[int]) -> Report:
     captioned = {annotation["image_id"] for annotation in coco.dataset.get("annotations", [])}
     missing = sorted(test_ids - gt_ids)
     if missing:
-        report.errors.append(f"{gt_json}: {len(missing)} test image ids have no entry in 'images', e.g. "
-                             f"{missing[:5]}; the test json and the gt json do not belong together")
+        report.errors.append(
+            f"{gt_json}: {len(missing)} test image ids have no entry in 'images', e.g. "
+            f"{missing[:5]}; the test json and the gt json do not belong together"
+        )
     uncaptioned = sorted((test_ids & gt_ids) - captioned)
     if uncaptioned:
         report.errors.append(f"{gt_json}: {len(uncaptioned)} test images have no caption, e.g. {uncaptioned[:5]}")
     extra = len(gt_ids - test_ids)
     if test_ids and extra:
         report.warnings.append(f"{gt_json}: {extra} images are not in the test json (not scored)")
-    report.counts["test gt"] = {"file": str(gt_json), "images": len(gt_ids),
-                                "captions": len(coco.dataset.get("annotations", []))}
+    report.counts["test gt"] = {
+        "file": str(gt_json),
+        "images": len(gt_ids),
+        "captions": len(coco.dataset.get("annotations", [])),
+    }
     return report
 
 
@@ -282,8 +314,10 @@ def validate_root(root: str | Path, workers: int = 8, decode: bool = False, show
     root = Path(root)
     report = Report()
     if not root.is_dir():
-        report.errors.append(f"{root}: COCO root not found (run tools/prepare_coco.sh, or build a synthetic one "
-                             f"with python tools/make_synthetic_coco.py --out {root})")
+        report.errors.append(
+            f"{root}: COCO root not found (run tools/prepare_coco.sh, or build a synthetic one "
+            f"with python tools/make_synthetic_coco.py --out {root})"
+        )
         return report
     annotations = root / "annotations"
     report.merge(validate_train_jsonl(annotations / TRAIN_JSONL, root, workers, decode, show_progress))
@@ -296,8 +330,10 @@ def validate_root(root: str | Path, workers: int = 8, decode: bool = False, show
             train_ids.add(image_id_from_name(name))
     overlap = train_ids & test_ids
     if overlap:
-        report.warnings.append(f"{len(overlap)} test images are also train images (e.g. id {min(overlap)}): "
-                               f"the test score would not measure generalisation")
+        report.warnings.append(
+            f"{len(overlap)} test images are also train images (e.g. id {min(overlap)}): "
+            f"the test score would not measure generalisation"
+        )
     return report
 
 
@@ -336,8 +372,10 @@ def validate_meta(meta: str | Path, workers: int = 8, decode: bool = False, show
             report.errors.append(f"{where}: annotation {annotation} must be a .jsonl file (one JSON object per line)")
             continue
         if not root.is_dir():
-            report.errors.append(f"{where}: root {root} is not a folder{relative_note}; download COCO with "
-                                 f"tools/prepare_coco.sh or build a synthetic one with tools/make_synthetic_coco.py")
+            report.errors.append(
+                f"{where}: root {root} is not a folder{relative_note}; download COCO with "
+                f"tools/prepare_coco.sh or build a synthetic one with tools/make_synthetic_coco.py"
+            )
             continue
         if not annotation.is_file():
             report.errors.append(f"{where}: annotation {annotation} not found{relative_note}")
@@ -355,8 +393,9 @@ def validate_meta(meta: str | Path, workers: int = 8, decode: bool = False, show
         if length is None:
             report.warnings.append(f"{where}: no 'length' (the line count of {annotation} is {lines})")
         elif lines is not None and length != lines:
-            report.warnings.append(f"{where}: length is {length} but {annotation} has {lines} lines; "
-                                   f"set \"length\": {lines}")
+            report.warnings.append(
+                f'{where}: length is {length} but {annotation} has {lines} lines; set "length": {lines}'
+            )
     return report
 
 
@@ -377,15 +416,24 @@ def print_report(report: Report, max_errors: int, stream=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m internvl_chat.data.validate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", help="COCO root with annotations/ and the image folders "
-                                       "(default: data/coco when --meta is not given)")
+    parser = argparse.ArgumentParser(
+        prog="python -m internvl_chat.data.validate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--root", help="COCO root with annotations/ and the image folders (default: data/coco when --meta is not given)"
+    )
     parser.add_argument("--meta", help="fine-tune meta json, e.g. shell/data/coco_caption.json")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
-                        help="threads that check images in parallel (default: %(default)s)")
-    parser.add_argument("--decode", action="store_true",
-                        help="decode every image fully (slower; finds damage inside the pixel data)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="threads that check images in parallel (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--decode", action="store_true", help="decode every image fully (slower; finds damage inside the pixel data)"
+    )
     parser.add_argument("--max-errors", type=int, default=20, help="errors to print (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

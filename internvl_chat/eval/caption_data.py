@@ -1,4 +1,5 @@
 """Caption evaluation sets: where they live, how an entry becomes tiles, and contiguous sharding over ranks."""
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,15 @@ class CaptionSet:
 
 
 CAPTION_SETS = {
-    "coco": CaptionSet("data/coco/", "data/coco/annotations/coco_karpathy_test.json",
-                       "data/coco/annotations/coco_karpathy_test_gt.json"),
+    "coco": CaptionSet(
+        "data/coco/",
+        "data/coco/annotations/coco_karpathy_test.json",
+        "data/coco/annotations/coco_karpathy_test_gt.json",
+    ),
     "flickr30k": CaptionSet("data/flickr30k/", "data/flickr30k/test_karpathy.json", None),
-    "nocaps": CaptionSet("data/nocaps/images/", "data/nocaps/nocaps_val_4500_captions.json",
-                         "data/nocaps/nocaps_val_4500_captions.json"),
+    "nocaps": CaptionSet(
+        "data/nocaps/images/", "data/nocaps/nocaps_val_4500_captions.json", "data/nocaps/nocaps_val_4500_captions.json"
+    ),
 }
 
 
@@ -36,15 +41,23 @@ def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple
     base = Path(data_root) if data_root else Path(".")
     annotation = base / caption_set.annotation
     if not annotation.is_file():
-        raise FileNotFoundError(f"{annotation} does not exist: run tools/prepare_coco.sh (or "
-                                f"tools/make_synthetic_coco.py) first, or pass --data-root")
+        raise FileNotFoundError(
+            f"{annotation} does not exist: run tools/prepare_coco.sh (or "
+            f"tools/make_synthetic_coco.py) first, or pass --data-root"
+        )
     data = json.loads(annotation.read_text())
     root = base / caption_set.root
     if isinstance(data, dict) and "images" in data:  # COCO format
         entries = [{"image": str(root / image["file_name"]), "image_id": int(image["id"])} for image in data["images"]]
         return entries, annotation
-    entries = [{"image": str(root / item["image"]), "image_id": image_id_from_name(item["image"]),
-                "captions": item.get("caption")} for item in data]
+    entries = [
+        {
+            "image": str(root / item["image"]),
+            "image_id": image_id_from_name(item["image"]),
+            "captions": item.get("caption"),
+        }
+        for item in data
+    ]
     if caption_set.ground_truth is not None:
         return entries, base / caption_set.ground_truth
     return entries, None
@@ -52,10 +65,21 @@ def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple
 
 def ground_truth_from_entries(entries: list[dict], path: Path) -> Path:
     """A COCO-format gt file built from the annotation's reference captions."""
-    annotations = [{"image_id": e["image_id"], "caption": caption, "id": index}
-                   for index, (e, caption) in enumerate((e, c) for e in entries for c in e["captions"])]
-    path.write_text(json.dumps({"info": {}, "licenses": [], "type": "captions",
-                                "images": [{"id": e["image_id"]} for e in entries], "annotations": annotations}))
+    annotations = [
+        {"image_id": e["image_id"], "caption": caption, "id": index}
+        for index, (e, caption) in enumerate((e, c) for e in entries for c in e["captions"])
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "info": {},
+                "licenses": [],
+                "type": "captions",
+                "images": [{"id": e["image_id"]} for e in entries],
+                "annotations": annotations,
+            }
+        )
+    )
     return path
 
 
@@ -64,10 +88,12 @@ class CaptionImages(Dataset):
     evaluation does, and each tile is converted to RGB by the transform. Normalisation happens on the device
     (`self.transform.normalize`): a quarter of the bytes through the loader, and no float work in the workers."""
 
-    def __init__(self, entries: list[dict], image_size: int, dynamic: bool, max_num: int, use_thumbnail: bool):
+    def __init__(
+        self, entries: list[dict], image_size: int, dynamic: bool, max_dynamic_patch: int, use_thumbnail: bool
+    ):
         self.entries = entries
         self.transform = TileTransform(image_size)
-        self.dynamic, self.max_num, self.use_thumbnail = dynamic, max_num, use_thumbnail
+        self.dynamic, self.max_dynamic_patch, self.use_thumbnail = dynamic, max_dynamic_patch, use_thumbnail
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -75,8 +101,11 @@ class CaptionImages(Dataset):
     def __getitem__(self, index: int):
         entry = self.entries[index]
         image = open_image(entry["image"], convert_rgb=False)
-        tiles = (dynamic_preprocess(image, 1, self.max_num, self.transform.image_size, self.use_thumbnail)
-                 if self.dynamic else [image])
+        tiles = (
+            dynamic_preprocess(image, 1, self.max_dynamic_patch, self.transform.image_size, self.use_thumbnail)
+            if self.dynamic
+            else [image]
+        )
         return entry["image_id"], torch.stack([self.transform.to_uint8(tile) for tile in tiles])
 
 
@@ -91,7 +120,9 @@ def collate_images(batch):
     return ids, torch.cat([pixels for _, pixels in batch]), tiles
 
 
-def tile_counts(entries: list[dict], image_size: int, dynamic: bool, max_num: int, use_thumbnail: bool) -> list[int]:
+def tile_counts(
+    entries: list[dict], image_size: int, dynamic: bool, max_dynamic_patch: int, use_thumbnail: bool
+) -> list[int]:
     """Tiles per image from the image headers alone (no decoding)."""
     from PIL import Image
 
@@ -103,7 +134,7 @@ def tile_counts(entries: list[dict], image_size: int, dynamic: bool, max_num: in
             counts.append(1)
             continue
         with Image.open(entry["image"]) as image:
-            columns, rows = tile_grid(image.width, image.height, 1, max_num, image_size)
+            columns, rows = tile_grid(image.width, image.height, 1, max_dynamic_patch, image_size)
         counts.append(columns * rows + (1 if use_thumbnail and columns * rows > 1 else 0))
     return counts
 
@@ -115,8 +146,9 @@ class TileGroupedBatches(Sampler):
         by_count = {}
         for index in indices:
             by_count.setdefault(counts[index], []).append(index)
-        self.batches = [group[i: i + batch_size] for _, group in sorted(by_count.items())
-                        for i in range(0, len(group), batch_size)]
+        self.batches = [
+            group[i : i + batch_size] for _, group in sorted(by_count.items()) for i in range(0, len(group), batch_size)
+        ]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -132,7 +164,7 @@ def split_into_chunks(batches: list[list[int]], parts: int) -> list[list[list[in
     chunked = []
     for batch in batches:
         size = -(-len(batch) // max(parts, 1))
-        chunked.append([batch[i: i + size] for i in range(0, len(batch), size)])
+        chunked.append([batch[i : i + size] for i in range(0, len(batch), size)])
     return chunked
 
 
@@ -150,4 +182,3 @@ class ContiguousShardSampler(Sampler):
 
     def __iter__(self):
         return iter(self.indices)
-

@@ -11,6 +11,7 @@ same length: batches are formed per tile count and need no padding at all. Then
 instead of transformers' generate(), whose per-token overhead dominates at this model size.
 Greedy decoding with the original's rules: at least min_new_tokens before <|im_end|> may end a caption.
 """
+
 import time
 
 import torch
@@ -20,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..model.conversation import IMG_CONTEXT_TOKEN, image_placeholder
 from ..model.modeling_internlm2 import OutputRows
 
-
+# The LLM's attention under the fast engine; evaluation loads the model with it (fast_engine_attention).
 FAST_ATTENTION = "internvl_fast_decode"
 
 
@@ -30,8 +31,9 @@ def fast_decode_attention(module, query, key, value, attention_mask, scaling, dr
     would fall back to a kernel that copies the whole KV cache per layer and step, which made decoding ~10x
     slower than reading the cache once."""
     if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
@@ -93,16 +95,26 @@ class DecodeState:
         # cos/sin of every decoding position, each computed as a one-token step would (dynamic NTK included)
         rotary = llm.model.rotary_emb
         probe = torch.zeros(1, dtype=dtype, device=device)
-        tables = [rotary(probe, torch.full((1, 1), position, device=device))
-                  for position in range(prompt_length, self.capacity)]
+        tables = [
+            rotary(probe, torch.full((1, 1), position, device=device))
+            for position in range(prompt_length, self.capacity)
+        ]
         self.cos = torch.cat([cos for cos, _ in tables], dim=1)  # [1, max_new_tokens, head_dim]
         self.sin = torch.cat([sin for _, sin in tables], dim=1)
         self.prompt_length = prompt_length
         self.graph = None
 
 
-def supports_fast_path(model) -> bool:
-    return model.config.llm_config.architectures[0] == "InternLM2ForCausalLM"
+def supports_fast_path(config) -> bool:
+    """The fast engine drives InternLM2 decoder layers (InternVL2-2B, 8B, 26B)."""
+    return config.llm_config.architectures[0] == "InternLM2ForCausalLM"
+
+
+def fast_engine_attention(requested: str | None) -> dict:
+    """The attn_implementation to load a model with for the fast engine: the ViT as asked (None: the model's
+    default), the LLM through FAST_ATTENTION (SDPA for the prefill, a GQA kernel that reads the static cache once
+    for decoding), or eager when eager is asked for (the reference maths)."""
+    return {"vision_config": requested, "llm_config": "eager" if requested == "eager" else FAST_ATTENTION}
 
 
 class PhaseTimer:
@@ -123,11 +135,26 @@ class PhaseTimer:
 
 
 class FastCaptioner:
-    def __init__(self, model, tokenizer, question: str, max_new_tokens: int = 30, min_new_tokens: int = 8,
-                 profile: bool = False, cuda_graphs: bool = True):
-        if not supports_fast_path(model):
-            raise ValueError("the fast captioner drives InternLM2 decoder layers; use chat()/batch_chat() for "
-                             f"{model.config.llm_config.architectures[0]}")
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        question: str,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 8,
+        profile: bool = False,
+        cuda_graphs: bool = True,
+    ):
+        if not supports_fast_path(model.config):
+            raise ValueError(
+                "the fast captioner drives InternLM2 decoder layers; use chat()/batch_chat() for "
+                f"{model.config.llm_config.architectures[0]}"
+            )
+        if model.config.llm_config._attn_implementation not in (FAST_ATTENTION, "eager"):
+            raise ValueError(
+                "load the model with attn_implementation=fast_engine_attention(...) for the fast "
+                f"engine; its LLM runs {model.config.llm_config._attn_implementation!r}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.question = question if "<image>" in question else "<image>\n" + question
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
@@ -143,8 +170,9 @@ class FastCaptioner:
 
     def prompt_ids(self, num_tiles: int) -> torch.Tensor:
         if num_tiles not in self._prompt_ids:
-            query = self.model._prompt(self.question).replace(
-                "<image>", image_placeholder(self.model.num_image_token, num_tiles), 1)
+            query = self.model.build_prompt(self.question).replace(
+                "<image>", image_placeholder(self.model.num_image_token, num_tiles), 1
+            )
             self._prompt_ids[num_tiles] = self.tokenizer(query, return_tensors="pt")["input_ids"][0]
         return self._prompt_ids[num_tiles]
 
@@ -163,8 +191,13 @@ class FastCaptioner:
         last_position = OutputRows.last_position(embeds)
         for index, layer in enumerate(decoder.layers):
             # the first token comes from the last position only: the last layer computes nothing else
-            hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache,
-                           output_rows=last_position if index == last else None)
+            hidden = layer(
+                hidden,
+                position_embeddings,
+                attention_mask=mask,
+                past_key_values=cache,
+                output_rows=last_position if index == last else None,
+            )
         return decoder.norm(hidden[:, -1])
 
     def _greedy_choice(self, hidden, state):
@@ -212,18 +245,7 @@ class FastCaptioner:
     @torch.inference_mode()
     def caption(self, pixel_values: torch.Tensor, num_tiles: int) -> list[str]:
         """pixel_values: [B * num_tiles, 3, S, S] of B images that all have num_tiles tiles."""
-        config = self.llm.config
-        chosen = config._attn_implementation
-        if chosen == "eager":  # the reference maths, as configured
-            return self._caption(pixel_values, num_tiles)
-        config._attn_implementation = FAST_ATTENTION
-        try:
-            return self._caption(pixel_values, num_tiles)
-        finally:
-            config._attn_implementation = chosen
-
-    def _caption(self, pixel_values: torch.Tensor, num_tiles: int) -> list[str]:
-        model, llm = self.model, self.llm
+        model = self.model
         batch = pixel_values.shape[0] // num_tiles
         device = pixel_values.device
         self.timer.mark(None, device)
@@ -243,7 +265,7 @@ class FastCaptioner:
             if step == 0:
                 self._greedy_choice(hidden, state)
             else:
-                state.token.copy_(next_token)
+                state.token.copy_(tokens[:, step - 1])
                 state.cache.decode_position.fill_(ids.shape[1] + step - 1)
                 self._run_step(state)
             next_token = torch.where(finished, self.eos_id, state.chosen)

@@ -5,6 +5,7 @@
 before any metric is computed; this module runs the same scorers in the same order without it, printing the
 same lines, and refuses results that do not cover every ground-truth image exactly once.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -20,9 +21,11 @@ METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CI
 def require_java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise ScoringError("METEOR and the PTB tokenizer run on Java, and no `java` is on PATH: install a JRE "
-                           "(e.g. apt-get install default-jre-headless), or generate with --skip-scoring and score "
-                           "the results elsewhere with tools/score_captions.py RESULTS GT")
+        raise ScoringError(
+            "METEOR and the PTB tokenizer run on Java, and no `java` is on PATH: install a JRE "
+            "(e.g. apt-get install default-jre-headless), or generate with --skip-scoring and score "
+            "the results elsewhere with tools/score_captions.py RESULTS GT"
+        )
     return java
 
 
@@ -39,8 +42,9 @@ def check_coverage(results: list[dict], gt_image_ids: set[int], results_name: st
         raise ScoringError(f"{results_name}: {len(missing)} ground-truth images have no caption, e.g. {missing[:5]}")
 
 
-def score_captions(results_file: str | Path, gt_file: str | Path, spice: bool = False,
-                   verbose: bool = True) -> dict[str, float]:
+def score_captions(
+    results_file: str | Path, gt_file: str | Path, spice: bool = False, verbose: bool = True
+) -> dict[str, float]:
     """Score a results json ([{image_id, caption}]) against a COCO-format ground-truth json."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -63,8 +67,12 @@ def score_captions(results_file: str | Path, gt_file: str | Path, spice: bool = 
     candidates = tokenizer.tokenize({i: coco_results.imgToAnns[i] for i in image_ids})
 
     log("setting up scorers...")
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"),
-               (Cider(), "CIDEr")]
+    scorers = [
+        (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+        (Meteor(), "METEOR"),
+        (Rouge(), "ROUGE_L"),
+        (Cider(), "CIDEr"),
+    ]
     if spice:
         from pycocoevalcap.spice.spice import Spice
 
@@ -73,7 +81,7 @@ def score_captions(results_file: str | Path, gt_file: str | Path, spice: bool = 
     for scorer, names in scorers:
         log(f"computing {scorer.method()} score...")
         score, _ = scorer.compute_score(references, candidates)
-        for name, value in (zip(names, score) if isinstance(names, list) else [(names, score)]):
+        for name, value in zip(names, score) if isinstance(names, list) else [(names, score)]:
             metrics[name] = float(value)
             log(f"{name}: {value:0.3f}")
     return metrics

@@ -3,6 +3,7 @@
 The class defaults are the 6B encoder's, as in the original; the 300M encoder used by InternVL2-1B..8B
 overrides them from the checkpoint's `vision_config`.
 """
+
 import os
 
 from transformers import PretrainedConfig

@@ -3,6 +3,7 @@
 Field names and defaults follow the original `InternLM2Config`, so that the original config.json files load
 unchanged and the files we write load in the original code.
 """
+
 from transformers import PretrainedConfig
 
 

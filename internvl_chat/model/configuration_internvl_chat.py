@@ -3,6 +3,7 @@
 `llm_config` is dispatched on `architectures[0]`, as in the original: InternLM2 uses our own config class,
 Llama, Qwen2 and Phi3 use the transformers ones.
 """
+
 from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
 from .configuration_intern_vit import InternVisionConfig
@@ -48,6 +49,10 @@ def build_llm_config(llm_config: dict | PretrainedConfig | None) -> PretrainedCo
 class InternVLChatConfig(PretrainedConfig):
     model_type = "internvl_chat"
     is_composition = True
+    # Declared so that transformers hands a requested attn_implementation (a string, or a dict with these keys) on
+    # to the two parts. A value stored in a checkpoint's llm_config is not a request: the original's constructor
+    # always chose the attention itself, and so does InternVLChatModel.
+    sub_configs = {"vision_config": InternVisionConfig, "llm_config": PretrainedConfig}
 
     def __init__(
         self,
@@ -94,4 +99,3 @@ class InternVLChatConfig(PretrainedConfig):
     def tile_size(self) -> int:
         """The side of one image tile: force_image_size when set (InternVL2: 448), else the ViT's own size."""
         return self.force_image_size or self.vision_config.image_size
-

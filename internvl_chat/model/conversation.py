@@ -22,8 +22,8 @@ message ``role + text + sep``, or just ``role`` when the text is empty/None
 """
 
 import dataclasses
+from collections.abc import Sequence
 from enum import IntEnum
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "SeparatorStyle",
@@ -53,18 +53,16 @@ class SeparatorStyle(IntEnum):
 # The system prompt shared by internlm2-chat, Hermes-2 and phi3-chat (59 characters:
 # a full-width comma after 大模型, an ASCII ", " after InternVL, a full-width full stop).
 INTERNVL2_SYSTEM_MESSAGE = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
-    "英文名叫InternVL, 是一个有用无害的人工智能助手。"
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
 
 # The system prompt of the internvl2_5 template.
 INTERNVL2_5_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
-    "联合开发的多模态大语言模型。"
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 
 
-def _message_text(message) -> Optional[str]:
+def _message_text(message) -> str | None:
     """A message may be a plain string or a tuple whose first item is the text."""
     if isinstance(message, tuple):
         return message[0] if message else None
@@ -78,23 +76,23 @@ class Conversation:
     name: str
     system_template: str = "{system_message}"
     system_message: str = ""
-    roles: Tuple[str, str] = ("USER", "ASSISTANT")
-    messages: List[List[Optional[str]]] = dataclasses.field(default_factory=list)
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    messages: list[list[str | None]] = dataclasses.field(default_factory=list)
     sep_style: SeparatorStyle = SeparatorStyle.MPT
     sep: str = "\n"
-    sep2: Optional[str] = None
-    stop_str: Optional[Union[str, List[str]]] = None
-    stop_token_ids: Optional[List[int]] = None
+    sep2: str | None = None
+    stop_str: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
 
     # -- building -----------------------------------------------------------------
     def set_system_message(self, system_message: str) -> None:
         self.system_message = system_message
 
-    def append_message(self, role: str, message: Optional[str]) -> None:
+    def append_message(self, role: str, message: str | None) -> None:
         """Add a turn; ``message=None`` leaves the turn open (generation prompt)."""
         self.messages.append([role, message])
 
-    def update_last_message(self, message: Optional[str]) -> None:
+    def update_last_message(self, message: str | None) -> None:
         """Fill in the text of the last (usually open) turn."""
         self.messages[-1][1] = message
 
@@ -130,7 +128,7 @@ class Conversation:
             stop_token_ids=None if self.stop_token_ids is None else list(self.stop_token_ids),
         )
 
-    def dict(self) -> Dict[str, object]:
+    def dict(self) -> dict[str, object]:
         return {
             "template_name": self.name,
             "system_message": self.system_message,
@@ -140,7 +138,7 @@ class Conversation:
 
 
 # name -> template; get_conv_template hands out copies so callers can't mutate these.
-conv_templates: Dict[str, Conversation] = {}
+conv_templates: dict[str, Conversation] = {}
 
 
 def register_conv_template(template: Conversation, override: bool = False) -> None:
@@ -159,7 +157,7 @@ def get_conv_template(name: str) -> Conversation:
     return template.copy()
 
 
-def _chatml_roles() -> Tuple[str, str]:
+def _chatml_roles() -> tuple[str, str]:
     return ("<|im_start|>user\n", "<|im_start|>assistant\n")
 
 
@@ -209,8 +207,7 @@ register_conv_template(
 )
 
 
-def render(template_name: str, turns: Sequence[Tuple[str, Optional[str]]],
-           system_message: Optional[str] = None) -> str:
+def render(template_name: str, turns: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
     """Render ``turns`` = [(speaker, text), ...] with speaker 'user'/'human' or
     'assistant'/'gpt'; a final assistant turn with text None is the generation prompt."""
     conv = get_conv_template(template_name)
@@ -243,7 +240,16 @@ def image_placeholder_collapsed(query: str) -> str:
     """A rendered prompt with every image span shown as <image> again (for logs)."""
     return query.replace(IMG_CONTEXT_TOKEN, "").replace(IMG_START_TOKEN + IMG_END_TOKEN, IMAGE_PLACEHOLDER)
 
+
 # The nine tokens InternVL adds to every LLM vocabulary (the fine-tune script's add_tokens), in id order.
 INTERNVL_ADDED_TOKENS = (
-    IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    IMG_START_TOKEN,
+    IMG_END_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
 )

@@ -3,18 +3,19 @@ fused with the norm that follows it, rotary embedding, SiLU x gate and the ViT's
 
 In eager PyTorch, RMSNorm is six kernels over fp32 copies of the activations, rotary five over q and k, SiLU x
 gate two and the layer-scaled residual two: memory-bound passes that, on a batched prefill of a quarter of a
-million tokens, add up to seconds (docs/PERFORMANCE.md has the measured before/after). Each kernel here reads its
-inputs once and writes its output once and rounds where the reference rounds, so bf16 results are bit-identical
-to it (tools/benchmark_kernels.py prints the share of differing outputs): RMSNorm in fp32, cast to the input dtype, then times the weight; rotary
-as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then times the up projection;
-the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where a multiply and an add
-could otherwise become one FMA). LayerNorm is the exception: PyTorch reduces with Welford's algorithm, the kernel
-with a two-pass mean and variance in fp32, so a small share of bf16 outputs differ by one step.
+million tokens, add up to seconds. Each kernel here reads its inputs once and writes its output once and rounds
+where the reference rounds, so bf16 results are bit-identical to it: RMSNorm in fp32, cast to the input dtype,
+then times the weight; rotary as q*cos + rotate_half(q)*sin with each product rounded; SiLU in fp32, cast, then
+times the up projection; the layer-scaled branch rounded before the residual add (and Triton's fp fusion off where
+a multiply and an add could otherwise become one FMA). LayerNorm is the exception: PyTorch reduces with Welford's
+algorithm, the kernel with a two-pass mean and variance in fp32, so a small share of bf16 outputs differ by one
+step. The reference ops are rms_norm_reference and rotary_reference below, and the modules' own PyTorch paths.
 
 Used only where nothing needs a gradient (the modules check), on CUDA tensors of 16-bit types, with Triton
 installed; everything else takes the reference PyTorch path. `TRITON_INTERPRET=1` runs the kernels on a CPU
 (that is how the CPU tests check them).
 """
+
 import os
 
 import torch
@@ -27,19 +28,21 @@ except ImportError:  # CPU-only installs: the reference path everywhere
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ENABLED = True  # tools/benchmark_eval.py turns it off to measure the reference path in the same run
 
 
 def kernels_apply(*tensors: torch.Tensor) -> bool:
     """True when the Triton path may replace the reference for these tensors."""
-    if not ENABLED or triton is None or torch.compiler.is_compiling():  # inductor fuses these itself
+    if triton is None or torch.compiler.is_compiling():  # inductor fuses these itself
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     first = tensors[0]
-    return (first.is_cuda or INTERPRET) and first.numel() > 0 and all(
-        t.dtype == first.dtype and t.device == first.device for t in tensors) and first.dtype in (
-        torch.bfloat16, torch.float16)
+    return (
+        (first.is_cuda or INTERPRET)
+        and first.numel() > 0
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and first.dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 if triton is not None:
@@ -54,9 +57,21 @@ if triton is not None:
         tl.store(out_ptr + offsets, (activated.to(tl.float32) * up).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, length, x_batch_stride, x_position_stride, x_head_stride,
-                       table_batch_stride, table_position_stride, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                       HEAD_DIM: tl.constexpr):
+    def _rotary_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        length,
+        x_batch_stride,
+        x_position_stride,
+        x_head_stride,
+        table_batch_stride,
+        table_position_stride,
+        HEADS: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
         token = tl.program_id(0)
         batch, position = (token // length).to(tl.int64), (token % length).to(tl.int64)
         heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -72,8 +87,9 @@ if triton is not None:
         cos = tl.load(cos_ptr + table)
         sin = tl.load(sin_ptr + table)
         dtype = out_ptr.dtype.element_ty
-        out = ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
-               + (rotated.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32))
+        out = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32) + (
+            rotated.to(tl.float32) * sin.to(tl.float32)
+        ).to(dtype).to(tl.float32)
         tl.store(out_ptr + (token * HEADS + heads).to(tl.int64) * HEAD_DIM + dims, out.to(dtype), mask=inside)
 
     @triton.jit
@@ -88,9 +104,22 @@ if triton is not None:
         tl.store(out_ptr + offsets, (residual + scaled).to(dtype), mask=inside)
 
     @triton.jit
-    def _residual_norm_kernel(residual_ptr, branch_ptr, scale_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr, width,
-                              eps, HAS_BRANCH: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              RMS: tl.constexpr, BLOCK: tl.constexpr):
+    def _residual_norm_kernel(
+        residual_ptr,
+        branch_ptr,
+        scale_ptr,
+        weight_ptr,
+        bias_ptr,
+        sum_ptr,
+        out_ptr,
+        width,
+        eps,
+        HAS_BRANCH: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RMS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One row: [sum = residual + branch (* scale)], then out = norm(sum); sum is written when there is a
         branch. The norm is RMSNorm as the original's (normalised activations rounded before the weight) or
         LayerNorm as F.layer_norm (fp32 throughout, rounded once)."""
@@ -123,8 +152,15 @@ if triton is not None:
         tl.store(out_ptr + row * width + columns, out.to(dtype), mask=inside)
 
 
-def residual_norm(residual: torch.Tensor, branch: torch.Tensor | None, scale: torch.Tensor | None,
-                  weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool):
+def residual_norm(
+    residual: torch.Tensor,
+    branch: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+):
     """(residual + branch * scale, norm of that sum) in one pass over the rows; without a branch, norm(residual):
     RMSNorm and LayerNorm modules run this too (one norm kernel)."""
     width = residual.shape[-1]
@@ -134,10 +170,23 @@ def residual_norm(residual: torch.Tensor, branch: torch.Tensor | None, scale: to
     branch_rows = branch.reshape(-1, width).contiguous() if branch is not None else rows
     block = triton.next_power_of_2(width)
     _residual_norm_kernel[(rows.shape[0],)](
-        rows, branch_rows, scale if scale is not None else weight, weight, bias if bias is not None else weight,
-        total, out, width, eps, HAS_BRANCH=branch is not None, HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
-        enable_fp_fusion=False)
+        rows,
+        branch_rows,
+        scale if scale is not None else weight,
+        weight,
+        bias if bias is not None else weight,
+        total,
+        out,
+        width,
+        eps,
+        HAS_BRANCH=branch is not None,
+        HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        RMS=rms,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 16),
+        enable_fp_fusion=False,
+    )
     return total.view(residual.shape), out.view(residual.shape)
 
 
@@ -161,10 +210,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(batch, length, heads, head_dim, dtype=x.dtype, device=x.device)
-    _rotary_kernel[(batch * length,)](x, cos, sin, out, length, x.stride(0), x.stride(2), x.stride(1),
-                                      cos.stride(0), cos.stride(1), HEADS=heads,
-                                      HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim, num_warps=4,
-                                      enable_fp_fusion=False)
+    _rotary_kernel[(batch * length,)](
+        x,
+        cos,
+        sin,
+        out,
+        length,
+        x.stride(0),
+        x.stride(2),
+        x.stride(1),
+        cos.stride(0),
+        cos.stride(1),
+        HEADS=heads,
+        HEADS_PAD=triton.next_power_of_2(heads),
+        HEAD_DIM=head_dim,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
     return out.transpose(1, 2)
 
 
@@ -173,8 +235,9 @@ def scaled_residual(residual: torch.Tensor, branch: torch.Tensor, scale: torch.T
     residual, branch = residual.contiguous(), branch.contiguous()
     out = torch.empty_like(residual)
     count, block = residual.numel(), 4096
-    _scaled_residual_kernel[(triton.cdiv(count, block),)](residual, branch, scale, out, count, scale.numel(),
-                                                          BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    _scaled_residual_kernel[(triton.cdiv(count, block),)](
+        residual, branch, scale, out, count, scale.numel(), BLOCK=block, num_warps=8, enable_fp_fusion=False
+    )
     return out
 
 
@@ -183,8 +246,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     head_dim = x.shape[-1]
     if kernels_apply(x, cos, sin) and head_dim & (head_dim - 1) == 0:  # tl.arange needs a power of two
         return rotary(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The original's rotary in PyTorch ops: x * cos + rotate_half(x) * sin."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = head_dim // 2
+    half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
@@ -193,6 +261,15 @@ def add_scaled(residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor
     if kernels_apply(residual, branch, scale) and residual.shape == branch.shape:
         return scaled_residual(residual, branch, scale)
     return residual + branch * scale
+
+
+def rms_norm_reference(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The original's RMSNorm in PyTorch ops."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -207,11 +284,7 @@ class RMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _norm_kernel_applies(self, hidden_states):
             return residual_norm(hidden_states, None, None, self.weight, None, self.variance_epsilon, rms=True)[1]
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -243,8 +316,9 @@ def _norm_kernel_applies(norm: nn.Module, *tensors: torch.Tensor) -> bool:
     return kernels_apply(*tensors, *parameters)
 
 
-def add_then_norm(residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
-                  norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def add_then_norm(
+    residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A pre-norm block's residual add and the next norm: s = residual + branch (* scale), returns (s, norm(s)).
     One pass instead of an add that writes s and a norm that reads it back."""
     tensors = (residual, branch) + ((scale,) if scale is not None else ())

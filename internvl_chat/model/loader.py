@@ -3,6 +3,7 @@
 A checkpoint's own .py files are never imported: our classes read its config.json, weights and tokenizer
 files. Not part of the remote code copied into checkpoints.
 """
+
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,12 @@ from .configuration_internvl_chat import InternVLChatConfig
 from .modeling_internvl_chat import InternVLChatModel
 from .tokenization_internlm2 import InternLM2Tokenizer
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -84,9 +90,15 @@ def split_model_device_map(config: InternVLChatConfig, num_gpus: int) -> dict[st
                 layer += 1
     arch = config.llm_config.architectures[0]
     embed, head = ("tok_embeddings", "output") if arch == "InternLM2ForCausalLM" else ("embed_tokens", "lm_head")
-    for name in ("vision_model", "mlp1", f"language_model.model.{embed}", f"language_model.{head}",
-                 "language_model.model.norm", "language_model.model.rotary_emb",
-                 f"language_model.model.layers.{num_layers - 1}"):
+    for name in (
+        "vision_model",
+        "mlp1",
+        f"language_model.model.{embed}",
+        f"language_model.{head}",
+        "language_model.model.norm",
+        "language_model.model.rotary_emb",
+        f"language_model.model.layers.{num_layers - 1}",
+    ):
         device_map[name] = 0
     return device_map
 

@@ -5,6 +5,7 @@ Two variants share this file: the 300M encoder (LayerNorm, qkv bias, no QK-norm)
 transformers with layer scale and no final norm. Attention goes through transformers' dispatch table, so
 `eager` (reference numerics), `sdpa` and `flash_attention_2` are one config switch apart.
 """
+
 from collections.abc import Callable
 
 import torch
@@ -18,10 +19,8 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_intern_vit import InternVisionConfig
-from .fused_kernels import LayerNorm
+from .fused_kernels import LayerNorm, add_scaled, add_then_norm
 from .fused_kernels import RMSNorm as InternRMSNorm
-from .fused_kernels import add_scaled, add_then_norm
-
 
 NORM_LAYERS = {"rms_norm": InternRMSNorm, "layer_norm": LayerNorm}
 
@@ -135,7 +134,11 @@ class InternAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         out, _ = attention(
-            self, q, k, v, None,
+            self,
+            q,
+            k,
+            v,
+            None,
             scaling=self.scale,
             dropout=self.attn_drop if self.training else 0.0,
             is_causal=False,

@@ -5,6 +5,7 @@ num_key_value_heads groups of [q_0 .. q_{G-1}, k, v] (G = heads per kv head), so
 adapters trained on the fused matrix load unchanged. RoPE is the rotate-half (NeoX) form with optional linear
 or dynamic-NTK scaling. Attention goes through transformers' dispatch table (eager / sdpa / flash / flex).
 """
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,8 +30,9 @@ from .fused_kernels import add_then_norm, apply_rotary, silu_times
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean cross-entropy of position t predicting label t+1 (labels are not shifted; -100 is ignored)."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           labels[:, 1:].reshape(-1).to(logits.device))
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
+    )
 
 
 @dataclass
@@ -59,13 +61,14 @@ class OutputRows:
 
 # The output rows' dense mask reaches SDPA's fused kernels, which need its rows 8-aligned in memory. Left at the
 # sequence's length, torch.compile guards the last layer's graph on that length's alignment and compiles a second
-# graph when the other kind first appears, mid-run: seconds of stalled training (H200, 2026-12-02). So the keys
-# and the mask are padded past the length to a multiple of this, with keys that no row may see.
+# graph when the other kind first appears, mid-run (seconds of stalled training). So the keys and the mask are
+# padded past the length to a multiple of this, with keys that no row may see.
 ROWS_MASK_KEY_MULTIPLE = 8
 
 
-def pad_keys_past_length(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = ROWS_MASK_KEY_MULTIPLE
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_keys_past_length(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = ROWS_MASK_KEY_MULTIPLE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k, v [B, H_kv, L, hd] and the rows' mask [B, 1, R, L] -> the same with L' > L keys, L' a multiple of
     `multiple`, the extra keys zero and masked out (the attention's result is unchanged). Always at least one
     extra key, so that L' is the same expression of L for every length: an aligned L padding by zero would be a
@@ -205,8 +208,14 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         output_rows: OutputRows | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        attended = self.attention(self.attention_norm(hidden_states), position_embeddings, attention_mask,
-                                  past_key_values, output_rows=output_rows, **kwargs)
+        attended = self.attention(
+            self.attention_norm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            output_rows=output_rows,
+            **kwargs,
+        )
         if output_rows is not None:
             hidden_states = output_rows.gather(hidden_states)
         hidden_states, normed = add_then_norm(hidden_states, attended, None, self.ffn_norm)

@@ -4,14 +4,19 @@ input embeddings at the <IMG_CONTEXT> positions.
 Attribute names are the original's (`vision_model`, `mlp1`, `language_model`), so they are also the checkpoint
 key prefixes. LoRA adapters are wrapped in the constructor from `use_llm_lora` / `use_backbone_lora`, which is
 what lets an unmerged LoRA training output load directly.
+
+Attention is chosen once, when the model is built, through transformers' `attn_implementation`: a string for the
+whole model, or a dict with `vision_config` / `llm_config` keys for the two halves. Where nothing is asked for,
+each half takes flash_attention_2 if flash-attn imports, else sdpa (default_attn_implementation).
 """
+
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, LlamaForCausalLM, Phi3ForCausalLM, PreTrainedModel, Qwen2ForCausalLM
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available
 
@@ -19,7 +24,6 @@ from .configuration_internvl_chat import InternVLChatConfig
 from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internlm2 import InternLM2ForCausalLM, OutputRows, causal_lm_loss, gather_rows
-from .shared_image_attention import PREFIX_SPLIT_ATTENTION, block_mask_from_dense, split_mask
 
 LLM_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -30,43 +34,48 @@ LLM_CLASSES = {
 
 # The original's LoRA targets per LLM family; PEFT matches them as module-name suffixes.
 LLM_LORA_TARGETS = {
-    "InternLM2ForCausalLM": [
-        "attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
-    ],
-    "Phi3ForCausalLM": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
-    "Qwen2ForCausalLM": [
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj",
-    ],
+    "InternLM2ForCausalLM": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    "Phi3ForCausalLM": ("mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"),
+    "Qwen2ForCausalLM": (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.down_proj",
+        "mlp.up_proj",
+    ),
+    "LlamaForCausalLM": (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.down_proj",
+        "mlp.up_proj",
+    ),
 }
-LLM_LORA_TARGETS["LlamaForCausalLM"] = LLM_LORA_TARGETS["Qwen2ForCausalLM"]
-BACKBONE_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+BACKBONE_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 def default_attn_implementation() -> str:
+    """What a part of the model runs when no attention is asked for: flash attention where flash-attn imports (as
+    the original does), else PyTorch's SDPA."""
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
-# The LLM backends that take the [B, 1, L, L] mask of shared-image sequences (flash_attention_2 cannot).
-BLOCK_MASK_ATTENTION = (PREFIX_SPLIT_ATTENTION, "flex_attention", "sdpa", "eager")
+@dataclass
+class LossRows:
+    """The rows a loss reads, for forward(loss_rows=...): the LM head and the loss then run at these rows only.
 
+    positions [B, R]: the positions t whose logits predict a supervised token t + 1, R slots per sequence (spare
+    slots hold any position, with target -100); targets [B, R]: those tokens. mask [B, 1, R, L] (bool, True: may
+    attend) is each slot's row of the attention mask; given it, an LLM whose decoder takes `output_rows` (InternLM2,
+    supports_output_rows) computes its last layer at these rows only, since nothing reads the others."""
 
-def block_mask_attention(requested: str | None) -> str:
-    """The LLM's attention for shared-image sequences: a request that can take their mask is kept; otherwise the
-    prefix split (shared_image_attention.py), the fastest of them (docs/PERFORMANCE.md)."""
-    return requested if requested in BLOCK_MASK_ATTENTION else PREFIX_SPLIT_ATTENTION
-
-
-def packed_attention(requested: str | None, device_type: str) -> str:
-    """The LLM's attention for packed rows (several samples in one sequence, no padding): a request is kept;
-    otherwise flash attention's varlen kernel where flash-attn imports, else flex attention with the samples'
-    block-diagonal mask as a BlockMask on a GPU (empty blocks skipped), and SDPA under that mask on a CPU
-    (PyTorch has no flex attention backward there)."""
-    if requested in ("flash_attention_2", "flex_attention", "sdpa", "eager"):
-        return requested
-    if is_flash_attn_2_available():
-        return "flash_attention_2"
-    return "flex_attention" if device_type == "cuda" else "sdpa"
+    positions: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
@@ -85,68 +94,6 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = 
     return x.reshape(n, x.shape[1], x.shape[2], step * step * dim)
 
 
-def only_right_padding(attention_mask: torch.Tensor | None) -> bool:
-    """A 2D [batch, length] mask whose rows are all ones then all zeros (the training collator's padding)."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return False
-    keep = attention_mask.bool()
-    return bool(keep[:, 0].all() & (keep[:, 1:] <= keep[:, :-1]).all())  # one host wait, not two
-
-
-def packed_causal_mask(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Boolean [1, 1, length, length] mask of a packed row (True: may attend): causal within each sample of the
-    boundaries cu_seq_lens ([0, end of sample 1, ..., length]), nothing across samples."""
-    positions = torch.arange(length, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
-    sample = torch.searchsorted(cu_seq_lens[1:], positions, right=True)
-    mask = (sample[:, None] == sample[None, :]) & (positions[None, :] <= positions[:, None])
-    return mask[None, None]
-
-
-def supervised_rows(labels: torch.Tensor, attention_mask: torch.Tensor | None, cu_seq_lens: torch.Tensor | None,
-                    with_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The positions the loss reads (t, where label t + 1 is supervised) and their targets, [B, R] each: R slots
-    per sequence, R being the most any sequence has; a sequence's spare slots hold positions that are not
-    supervised, with target -100. With with_mask, also the slots' attention mask ([B, 1, R, L] boolean, as
-    OutputRows takes it), derived from the forward's mask as given: boolean [B or 1, 1, L, L], 2D padding, or
-    each sample's causal mask in a packed row."""
-    targets = labels[:, 1:]
-    supervised = targets != -100
-    slots = max(int(supervised.sum(dim=1).max()), 1)  # a host wait: the slots' shapes depend on it
-    positions = torch.sort((~supervised).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
-    slot_targets = targets.gather(1, positions)
-    if not with_mask:
-        return positions, slot_targets, None
-    length = labels.shape[1]
-    keys = torch.arange(length, device=labels.device)
-    own = keys[None, None, :] == positions[:, :, None]
-    causal = keys[None, None, :] <= positions[:, :, None]
-    if cu_seq_lens is not None:
-        sample = torch.searchsorted(cu_seq_lens[1:], keys, right=True)
-        allowed = causal & (sample[positions][..., None] == sample[None, None, :])
-    elif attention_mask is not None and attention_mask.dim() == 4:
-        rows = attention_mask[:, 0].expand(positions.shape[0], -1, -1)
-        rows = rows.gather(1, positions[:, :, None].expand(-1, -1, length))
-        allowed = rows if rows.dtype == torch.bool else rows == 0  # boolean, or additive 0 / -inf
-    elif attention_mask is not None:
-        allowed = causal & attention_mask.bool()[:, None, :]
-    else:
-        allowed = causal
-    # A spare slot's position may see no key at all (a pad); seeing itself keeps its discarded output finite,
-    # which matters: 0 x NaN in the backward would still be NaN.
-    return positions, slot_targets, (allowed | own)[:, None]
-
-
-def positions_through_padding(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Right padding's position ids continued one by one from the last real token. The collator pads them with 0,
-    and transformers reads a position that restarts as the start of another packed sequence: it then builds a
-    dense [B, 1, L, L] mask instead of letting SDPA run its causal kernel (no token attends to a pad, so the pads'
-    positions change nothing else)."""
-    lengths = keep.sum(dim=-1, keepdim=True)
-    last = position_ids.gather(-1, (lengths - 1).clamp(min=0))
-    steps = torch.arange(position_ids.shape[-1], device=position_ids.device) - lengths + 1
-    return torch.where(keep, position_ids, last + steps)
-
-
 class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     config: InternVLChatConfig
@@ -154,36 +101,34 @@ class InternVLChatModel(PreTrainedModel):
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
     _no_split_modules = [
-        "InternVisionModel", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer", "Qwen2DecoderLayer",
+        "InternVisionModel",
+        "LlamaDecoderLayer",
+        "InternLM2DecoderLayer",
+        "Phi3DecoderLayer",
+        "Qwen2DecoderLayer",
     ]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
-    # forward() computes its own mean loss: Trainer must not rescale it by the number of items (ENVIRONMENT §2.4).
+    # forward() computes its own token-mean loss, so the Trainer must not divide it again by the items in the batch.
     accepts_loss_kwargs = False
-    # The supervised-logits loss computes the LLM's last layer at the supervised rows only, where the LLM can
-    # (llm_takes_output_rows); False computes it at every row, as before (the same loss: for measuring the gain).
-    last_layer_at_supervised_rows = True
 
     def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None, use_flash_attn=None):
-        requested_attn = config._attn_implementation
+        if use_flash_attn is not None:  # the original constructor's switch
+            config._attn_implementation = "flash_attention_2" if use_flash_attn else "eager"
+        for part in (config.vision_config, config.llm_config):
+            if part._attn_implementation is None:
+                part._attn_implementation = default_attn_implementation()
+        config.vision_config.use_flash_attn = config.vision_config._attn_implementation == "flash_attention_2"
         super().__init__(config)
-        if use_flash_attn is not None:
-            requested_attn = "flash_attention_2" if use_flash_attn else "eager"
-        attn = requested_attn if isinstance(requested_attn, str) else default_attn_implementation()
-        config._attn_implementation = attn
-        config.vision_config._attn_implementation = attn
-        config.vision_config.use_flash_attn = attn == "flash_attention_2"
-        config.llm_config._attn_implementation = attn
 
         vision_config = config.vision_config
-        image_size = config.tile_size
         self.patch_size = vision_config.patch_size
         self.select_layer = config.select_layer
         self.template = config.template
         self.downsample_ratio = config.downsample_ratio
         self.ps_version = config.ps_version
-        self.num_image_token = int((image_size // self.patch_size) ** 2 * config.downsample_ratio**2)
+        self.num_image_token = int((config.tile_size // self.patch_size) ** 2 * config.downsample_ratio**2)
 
         arch = config.llm_config.architectures[0]
         if arch not in LLM_CLASSES:
@@ -213,7 +158,7 @@ class InternVLChatModel(PreTrainedModel):
         from peft import LoraConfig, get_peft_model
 
         lora_config = LoraConfig(
-            r=r, target_modules=BACKBONE_LORA_TARGETS, lora_alpha=lora_alpha, lora_dropout=lora_dropout
+            r=r, target_modules=list(BACKBONE_LORA_TARGETS), lora_alpha=lora_alpha, lora_dropout=lora_dropout
         )
         self.vision_model = get_peft_model(self.vision_model, lora_config)
         self.vision_model.print_trainable_parameters()
@@ -223,7 +168,7 @@ class InternVLChatModel(PreTrainedModel):
 
         lora_config = LoraConfig(
             r=r,
-            target_modules=LLM_LORA_TARGETS[self.config.llm_config.architectures[0]],
+            target_modules=list(LLM_LORA_TARGETS[self.config.llm_config.architectures[0]]),
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             task_type="CAUSAL_LM",
@@ -232,25 +177,12 @@ class InternVLChatModel(PreTrainedModel):
         self.language_model.enable_input_require_grads()
         self.language_model.print_trainable_parameters()
 
-    def compile_blocks(self, dynamic: bool = True) -> int:
-        """torch.compile every transformer block (ViT layers and LLM decoder layers) in place; returns how many.
-        Blocks rather than the whole model: the image scatter and mask building stay eager, one compiled graph
-        serves all layers of a stack, and state_dict keys do not change. dynamic=True because sequence lengths
-        change from batch to batch."""
-        blocks = [module for module in self.modules() if isinstance(module, GradientCheckpointingLayer)]
-        # Blocks of a stack share one compiled forward, but a per-block constant (e.g. each ViT layer's own
-        # stochastic-depth rate) may add a guarded variant per block, and past the default limit of 8 variants
-        # the later blocks would silently run uncompiled.
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks))
-        for block in blocks:
-            block.compile(dynamic=dynamic)
-        return len(blocks)
-
     # ------------------------------------------------------------------ vision
     def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
         if self.ps_version == "v1":
-            warnings.warn("ps_version 'v1' keeps the merged patch grid transposed; InternVL2 checkpoints use 'v2'.")
+            warnings.warn(
+                "ps_version 'v1' keeps the merged patch grid transposed; InternVL2 checkpoints use 'v2'.", stacklevel=2
+            )
         return pixel_shuffle(x, scale_factor, self.ps_version)
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -277,8 +209,10 @@ class InternVLChatModel(PreTrainedModel):
         if vit_embeds is None:
             return embeds, True
         if self.img_context_token_id is None:
-            raise ValueError("img_context_token_id is not set: assign tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') "
-                             "to model.img_context_token_id (chat() and batch_chat() do it themselves)")
+            raise ValueError(
+                "img_context_token_id is not set: assign tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') "
+                "to model.img_context_token_id (chat() and batch_chat() do it themselves)"
+            )
         rows, columns = (input_ids == self.img_context_token_id).nonzero(as_tuple=True)  # (sample, position) order
         features = vit_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         matched = rows.numel() == features.shape[0]
@@ -289,7 +223,7 @@ class InternVLChatModel(PreTrainedModel):
             )
             if strict:
                 raise ValueError(message)
-            warnings.warn(message + "; the loss of this batch is zeroed")
+            warnings.warn(message + "; the loss of this batch is zeroed", stacklevel=3)
             count = min(rows.numel(), features.shape[0])
             rows, columns, features = rows[:count], columns[:count], features[:count]
         # index_put keeps the features in the autograd graph (the original's `x * 0.0 + features`). Indexing the
@@ -311,35 +245,23 @@ class InternVLChatModel(PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_for_labels_only: bool = False,
-        cu_seq_lens: torch.Tensor | None = None,
-        max_seq_len: int | None = None,
+        loss_rows: LossRows | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """With labels and logits_for_labels_only, the LM head runs only where a label is supervised (about 15 of
-        ~1,850 positions of a COCO sample): the same loss and gradients, without the full-vocabulary logits
-        everywhere; `logits` then holds just those rows, [batch, R, vocab] in the slots of supervised_rows.
-        cu_seq_lens and max_seq_len describe a packed row (data.collator.packed_collator): several samples in one
-        sequence, each attending to itself only."""
+        """The original's training forward: image features written into the embeddings, the LLM, and with labels
+        the token-mean cross-entropy of position t predicting label t + 1. attention_mask is the LLM's: a 2D
+        padding mask, or a 4D mask (or BlockMask) in the form the LLM's attention implementation takes; further
+        keyword arguments go to the LLM (e.g. transformers' FlashAttentionKwargs).
+
+        With loss_rows, the LM head and the loss run at those rows only (the same loss and gradients as from full
+        logits and the labels those rows hold) and `logits` holds just those rows, [B, R, vocab]."""
         past_key_values = kwargs.pop("cache", past_key_values)
         vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
-        loss_rows = None
-        if labels is not None and logits_for_labels_only:
-            # right after embed_with_images' own host wait, when the GPU's queue is short
-            loss_rows = supervised_rows(labels.to(inputs_embeds.device), attention_mask, cu_seq_lens,
-                                        with_mask=self.llm_takes_output_rows())
-        attention_kwargs = {}
-        if cu_seq_lens is not None:
-            attention_mask, attention_kwargs = self._packed_attention_inputs(cu_seq_lens, max_seq_len,
-                                                                             inputs_embeds.shape[1])
-        attention_mask, position_ids = self._attention_inputs_for_backend(
-            attention_mask, position_ids, inputs_embeds.dtype, past_key_values)
         if loss_rows is not None:
-            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, *loss_rows, matched,
-                                         attention_kwargs)
+            return self._loss_at_rows(inputs_embeds, attention_mask, position_ids, loss_rows, matched, **kwargs)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -348,7 +270,7 @@ class InternVLChatModel(PreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            **attention_kwargs,
+            **kwargs,
         )
         logits = outputs.logits
         loss = None
@@ -364,67 +286,24 @@ class InternVLChatModel(PreTrainedModel):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
 
-    def _attention_inputs_for_backend(self, attention_mask, position_ids, dtype, past_key_values=None):
-        """The training forward's mask and position ids as the attention backend needs them.
-        - A 2D mask with padding on the right only (the collator's) is dropped: under causal attention no real
-          token sees a right-side pad, so only the outputs at pad positions (never supervised) change, and
-          SDPA/flash run their unmasked causal kernels. The pads' position ids are continued, or transformers
-          would take them for the start of a packed sequence and build a dense mask after all.
-        - A 4D boolean mask (True: may attend; e.g. several captions sharing one image prefix) goes to SDPA as it
-          is; flex attention gets it as a BlockMask, so that it skips the blocks the mask leaves empty; the prefix
-          split gets the rows after its causal head (a BlockMask on a GPU); eager attention adds its mask to the
-          scores, so it gets 0 / -inf instead."""
-        if past_key_values is None and only_right_padding(attention_mask):
-            if position_ids is not None:
-                position_ids = positions_through_padding(position_ids, attention_mask.bool().to(position_ids.device))
-            return None, position_ids
-        if attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
-            return attention_mask, position_ids
-        implementation = self.config.llm_config._attn_implementation
-        if implementation not in BLOCK_MASK_ATTENTION:
-            raise ValueError(f"the LLM's attention {implementation!r} cannot take the [B, 1, L, L] mask of "
-                             f"shared-image sequences (--group_by_image); use one of {BLOCK_MASK_ATTENTION} for "
-                             "the LLM (block_mask_attention picks one)")
-        if implementation == PREFIX_SPLIT_ATTENTION:
-            return split_mask(attention_mask, flex_tail=attention_mask.device.type == "cuda"), position_ids
-        if implementation == "flex_attention":
-            return block_mask_from_dense(attention_mask), position_ids
-        if implementation != "eager":
-            return attention_mask, position_ids
-        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        return bias.masked_fill(~attention_mask, torch.finfo(dtype).min), position_ids
-
-    def _packed_attention_inputs(self, cu_seq_lens, max_seq_len, length):
-        """A packed row's attention inputs: flash attention's varlen kernel takes the boundaries themselves
-        (transformers' FlashAttentionKwargs); the other backends get the block-diagonal causal mask, which
-        _attention_inputs_for_backend converts as any 4D mask (a BlockMask for flex attention)."""
-        if self.config.llm_config._attn_implementation.startswith("flash_attention"):
-            return None, {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                          "max_length_q": max_seq_len, "max_length_k": max_seq_len}
-        return packed_causal_mask(cu_seq_lens, length), {}
-
-    def _llm_decoder(self):
+    def _loss_at_rows(self, inputs_embeds, attention_mask, position_ids, loss_rows: LossRows, matched, **kwargs):
         llm = self.language_model
-        llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a PEFT wrapper keeps its adapters
-        return llm.model
-
-    def llm_takes_output_rows(self) -> bool:
-        """Whether the supervised-logits loss computes the LLM's last layer at the supervised rows only."""
-        return self.last_layer_at_supervised_rows and getattr(self._llm_decoder(), "supports_output_rows", False)
-
-    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, positions, targets, rows_mask, matched,
-                         attention_kwargs):
-        """The LM head and the loss at the supervised positions only. An LLM whose decoder takes output_rows
-        (InternLM2) computes its last layer only there too: nothing reads that layer's other rows."""
-        decoder = self._llm_decoder()
-        inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False, return_dict=True, **attention_kwargs)
-        if rows_mask is not None:
-            hidden = decoder(**inputs, output_rows=OutputRows(positions, rows_mask)).last_hidden_state
+        decoder = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).model  # PEFT keeps its adapters
+        inputs = dict(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+        if loss_rows.mask is not None and getattr(decoder, "supports_output_rows", False):
+            rows = OutputRows(loss_rows.positions, loss_rows.mask)
+            hidden = decoder(**inputs, output_rows=rows).last_hidden_state
         else:
-            hidden = gather_rows(decoder(**inputs).last_hidden_state, positions)
-        logits = self.language_model.get_output_embeddings()(hidden).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # the spare slots' -100 are ignored
+            hidden = gather_rows(decoder(**inputs).last_hidden_state, loss_rows.positions)
+        logits = llm.get_output_embeddings()(hidden).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), loss_rows.targets.flatten())  # spare slots' -100 are ignored
         if not matched:
             loss = loss * 0.0
         return CausalLMOutputWithPast(loss=loss, logits=logits)
@@ -457,7 +336,8 @@ class InternVLChatModel(PreTrainedModel):
             **{"use_cache": True, **generate_kwargs},
         )
 
-    def _prompt(self, question: str, history=None) -> str:
+    def build_prompt(self, question: str, history=None) -> str:
+        """The chat template's text of a conversation up to the assistant's turn (image placeholders unexpanded)."""
         template = get_conv_template(self.template)
         template.system_message = self.system_message
         for old_question, old_answer in history or []:
@@ -498,10 +378,11 @@ class InternVLChatModel(PreTrainedModel):
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
         if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list sums to {sum(num_patches_list)}, pixel_values has "
-                             f"{pixel_values.shape[0]} tiles")
+            raise ValueError(
+                f"num_patches_list sums to {sum(num_patches_list)}, pixel_values has {pixel_values.shape[0]} tiles"
+            )
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        query = self._prompt(question, history)
+        query = self.build_prompt(question, history)
         if verbose and pixel_values is not None:
             print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
         for num_patches in num_patches_list:
@@ -539,7 +420,7 @@ class InternVLChatModel(PreTrainedModel):
         for question, num_patches in zip(questions, num_patches_list):
             if pixel_values is not None and "<image>" not in question:
                 question = "<image>\n" + question
-            query = self._prompt(question)
+            query = self.build_prompt(question)
             queries.append(query.replace("<image>", image_placeholder(self.num_image_token, num_patches), 1))
         padding_side = tokenizer.padding_side
         tokenizer.padding_side = "left"

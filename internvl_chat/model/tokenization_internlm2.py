@@ -30,7 +30,7 @@ transformers 5 would otherwise drop.
 import json
 import os
 from shutil import copyfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import sentencepiece as spm
 from transformers.tokenization_utils import PreTrainedTokenizer
@@ -55,7 +55,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         bos_token: str = "<s>",
         eos_token: str = "</s>",
         pad_token: str = "</s>",
-        sp_model_kwargs: Optional[Dict[str, Any]] = None,
+        sp_model_kwargs: dict[str, Any] | None = None,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         decode_with_prefix_space: bool = False,
@@ -70,7 +70,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         self.add_eos_token = add_eos_token
         self.decode_with_prefix_space = decode_with_prefix_space
         self.sp_model = self._load_sp_model(vocab_file=vocab_file)
-        self._sp_vocab_cache: Optional[Dict[str, int]] = None
+        self._sp_vocab_cache: dict[str, int] | None = None
         super().__init__(
             unk_token=unk_token,
             bos_token=bos_token,
@@ -86,7 +86,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         self._promote_special_added_tokens()
 
     # ------------------------------------------------------------------ loading
-    def _load_sp_model(self, vocab_file: Optional[str] = None, proto: Optional[bytes] = None):
+    def _load_sp_model(self, vocab_file: str | None = None, proto: bytes | None = None):
         processor = spm.SentencePieceProcessor(**self.sp_model_kwargs)
         if proto is not None:
             processor.LoadFromSerializedProto(proto)
@@ -121,12 +121,12 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         """Number of sentencepiece pieces (added tokens not included)."""
         return self.sp_model.get_piece_size()
 
-    def _sp_vocab(self) -> Dict[str, int]:
+    def _sp_vocab(self) -> dict[str, int]:
         if self._sp_vocab_cache is None:
             self._sp_vocab_cache = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
         return self._sp_vocab_cache
 
-    def get_vocab(self) -> Dict[str, int]:
+    def get_vocab(self) -> dict[str, int]:
         # Pieces whose id is re-labelled by an added token (InternLM2 stores
         # <|im_end|> as the piece [UNUSED_TOKEN_145]) appear under the added name only.
         overridden = set(self._added_tokens_decoder)
@@ -134,7 +134,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         vocab.update(self._added_tokens_encoder)
         return vocab
 
-    def _tokenize(self, text: str, **kwargs) -> List[str]:
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
 
     def _convert_token_to_id(self, token: str) -> int:
@@ -145,11 +145,11 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
             return self.sp_model.id_to_piece(index)
         return str(self.unk_token)
 
-    def convert_tokens_to_string(self, tokens: List[str]) -> str:
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Decode runs of sp pieces with sentencepiece; added tokens are kept verbatim."""
         added = self._added_tokens_encoder
-        pieces: List[str] = []
-        out: List[str] = []
+        pieces: list[str] = []
+        out: list[str] = []
 
         def flush():
             if pieces:
@@ -167,8 +167,8 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
 
     # ----------------------------------------------------------- special tokens
     def build_inputs_with_special_tokens(
-        self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None
-    ) -> List[int]:
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         output = ([self.bos_token_id] if self.add_bos_token else []) + list(token_ids_0)
         if token_ids_1 is not None:
             output += list(token_ids_1)
@@ -178,10 +178,10 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
 
     def get_special_tokens_mask(
         self,
-        token_ids_0: List[int],
-        token_ids_1: Optional[List[int]] = None,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
         already_has_special_tokens: bool = False,
-    ) -> List[int]:
+    ) -> list[int]:
         if already_has_special_tokens:
             return super().get_special_tokens_mask(
                 token_ids_0=token_ids_0, token_ids_1=token_ids_1, already_has_special_tokens=True
@@ -190,12 +190,12 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return ([1] if self.add_bos_token else []) + body + ([1] if self.add_eos_token else [])
 
     def create_token_type_ids_from_sequences(
-        self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None
-    ) -> List[int]:
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
     # ------------------------------------------------------------------- saving
-    def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> Tuple[str]:
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
             raise NotADirectoryError(f"vocabulary path ({save_directory}) should be a directory")
         out_vocab_file = os.path.join(

@@ -4,6 +4,7 @@ code files, generation_config.json and a locally trained sentencepiece tokenizer
 Tiny ones (a few MB) drive the demo and the tests; `like="InternVL2-2B"` gives random weights at full size for
 GPU benchmarks. The tokenizer is always the tiny one: its ids are a subset of any real vocabulary.
 """
+
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from transformers import GenerationConfig
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
-from ..model.presets import TILING, VIT_300M, VIT_6B, preset_config_dict
+from ..model.presets import TILING, VIT_6B, VIT_300M, preset_config_dict
 from .tokenizer import build_tiny_tokenizer
 from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 
@@ -27,28 +28,67 @@ VIT_TYPES = {"300m": VIT_300M, "6b": VIT_6B}
 PHI3_CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def tiny_config_dict(llm: str = "internlm2", vit: str = "300m", vocab_size: int = 700, llm_hidden: int = 128,
-                     llm_layers: int = 2, vit_hidden: int = 64, vit_layers: int = 2, image_size: int = 448) -> dict:
+def tiny_config_dict(
+    llm: str = "internlm2",
+    vit: str = "300m",
+    vocab_size: int = 700,
+    llm_hidden: int = 128,
+    llm_layers: int = 2,
+    vit_hidden: int = 64,
+    vit_layers: int = 2,
+    image_size: int = 448,
+) -> dict:
     """A small model of the given family: the real structure, with few layers and narrow widths.
     image_size is the tile size (224 gives 64 image tokens per tile instead of 256: a 4x cheaper demo)."""
     arch, template = LLM_TYPES[llm]
-    vision = dict(VIT_TYPES[vit], hidden_size=vit_hidden, intermediate_size=2 * vit_hidden,
-                  num_hidden_layers=vit_layers, num_attention_heads=4, image_size=image_size)
+    vision = dict(
+        VIT_TYPES[vit],
+        hidden_size=vit_hidden,
+        intermediate_size=2 * vit_hidden,
+        num_hidden_layers=vit_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+    )
     heads = 4
-    llm_config = dict(architectures=[arch], vocab_size=vocab_size, hidden_size=llm_hidden,
-                      intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers, num_attention_heads=heads,
-                      num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    llm_config = dict(
+        architectures=[arch],
+        vocab_size=vocab_size,
+        hidden_size=llm_hidden,
+        intermediate_size=2 * llm_hidden,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     if llm == "internlm2":
         llm_config.update(bias=False, rope_scaling={"type": "dynamic", "factor": 2.0})
     elif llm == "phi3":
         half_head = llm_hidden // heads // 2
-        llm_config.update(num_key_value_heads=heads, max_position_embeddings=131072,
-                          original_max_position_embeddings=4096, rope_theta=10000.0,
-                          rope_scaling={"type": "su", "short_factor": [1.0] * half_head,
-                                        "long_factor": [1.0 + i / half_head for i in range(half_head)]})
-    return {**TILING, "force_image_size": image_size, "template": template, "vision_config": vision, "llm_config": llm_config,
-            "architectures": ["InternVLChatModel"]}
+        llm_config.update(
+            num_key_value_heads=heads,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            rope_theta=10000.0,
+            rope_scaling={
+                "type": "su",
+                "short_factor": [1.0] * half_head,
+                "long_factor": [1.0 + i / half_head for i in range(half_head)],
+            },
+        )
+    return {
+        **TILING,
+        "force_image_size": image_size,
+        "template": template,
+        "vision_config": vision,
+        "llm_config": llm_config,
+        "architectures": ["InternVLChatModel"],
+    }
 
 
 def tokenizer_corpus() -> list[str]:
@@ -61,8 +101,9 @@ def tokenizer_corpus() -> list[str]:
     return corpus
 
 
-def pretrain_language_model(model: InternVLChatModel, tokenizer, steps: int, seed: int = 0,
-                            batch_size: int = 32, learning_rate: float = 3e-3) -> list[float]:
+def pretrain_language_model(
+    model: InternVLChatModel, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, learning_rate: float = 3e-3
+) -> list[float]:
     """Next-token training of the LLM alone (embeddings, layers, head) on text-only chats: the caption prompt,
     answered in the base-model style of vocabulary.BASE_MODEL_TEMPLATES. A random LLM cannot be rescued by LoRA
     alone (its frozen head keeps every logit within about +-3); after this it writes fluent descriptions that
@@ -77,13 +118,17 @@ def pretrain_language_model(model: InternVLChatModel, tokenizer, steps: int, see
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     losses = []
     for step in range(steps):
-        chats = [[{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": answer}]
-                 for answer in answers[step * batch_size: (step + 1) * batch_size]]
-        batch = concat_pad_data_collator([
-            {**encoder(chat, []).as_dict(), "pixel_values": torch.zeros(1), "image_flags": torch.zeros(1)}
-            for chat in chats])
-        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   labels=batch["labels"]).loss
+        chats = [
+            [{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": answer}]
+            for answer in answers[step * batch_size : (step + 1) * batch_size]
+        ]
+        batch = concat_pad_data_collator(
+            [
+                {**encoder(chat, []).as_dict(), "pixel_values": torch.zeros(1), "image_flags": torch.zeros(1)}
+                for chat in chats
+            ]
+        )
+        loss = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -93,9 +138,17 @@ def pretrain_language_model(model: InternVLChatModel, tokenizer, steps: int, see
     return losses
 
 
-def build_checkpoint(out_dir: str | Path, llm: str = "internlm2", vit: str = "300m", like: str | None = None,
-                     seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                     pretrain_steps: int = 0, **tiny_dims) -> Path:
+def build_checkpoint(
+    out_dir: str | Path,
+    llm: str = "internlm2",
+    vit: str = "300m",
+    like: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    pretrain_steps: int = 0,
+    **tiny_dims,
+) -> Path:
     """Write a random InternVL2 checkpoint to out_dir and return the path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

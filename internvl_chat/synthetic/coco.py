@@ -17,6 +17,7 @@ Layout under the output root (the real data's, FORMAT.md section 4.4):
 The same arguments always give byte-identical files: every random choice comes from a generator seeded with the
 seed and the image id, JPEGs use a fixed quality and carry no metadata, and nothing records a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .vocabulary import (BACKGROUNDS, BUSY_TEMPLATES, CAPTION_PROMPT, COLORS, COUNT_WORDS, LIST_TEMPLATES,
-                         ONE_GROUP_TEMPLATES, PLURALS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES,
-                         TWO_GROUP_TEMPLATES)
+from .vocabulary import (
+    BACKGROUNDS,
+    BUSY_TEMPLATES,
+    CAPTION_PROMPT,
+    COLORS,
+    COUNT_WORDS,
+    LIST_TEMPLATES,
+    ONE_GROUP_TEMPLATES,
+    PLURALS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TWO_GROUP_TEMPLATES,
+)
 
 TRAIN_JSONL = "coco_karpathy_train_567k.jsonl"
 TEST_JSON = "coco_karpathy_test.json"
@@ -52,8 +65,7 @@ RESTVAL_FRACTION = 0.25
 JPEG_QUALITY = 90
 LARGEST_COCO_ID = 600_000
 # Cells of a 3x3 grid (column, row); the caption order of groups is reading order.
-GRID_CELLS = {"top left": (0, 0), "top right": (2, 0), "center": (1, 1), "bottom left": (0, 2),
-              "bottom right": (2, 2)}
+GRID_CELLS = {"top left": (0, 0), "top right": (2, 0), "center": (1, 1), "bottom left": (0, 2), "bottom right": (2, 2)}
 READING_ORDER = ("top left", "top right", "center", "bottom left", "bottom right")
 # Radius of a single shape as a fraction of its grid cell's shorter side.
 SINGLE_RADIUS = {"large": 0.44, "small": 0.22}
@@ -76,8 +88,9 @@ def _weighted(rng: random.Random, weights: dict | tuple, values=None):
     return rng.choices(values, weights=weights, k=1)[0]
 
 
-def _layout_group(rng: random.Random, cell: tuple[float, float, float, float], count: int,
-                  size: str | None) -> list[dict]:
+def _layout_group(
+    rng: random.Random, cell: tuple[float, float, float, float], count: int, size: str | None
+) -> list[dict]:
     """Centers and radii of `count` shapes inside a grid cell (x, y, width, height), jittered a little."""
     x0, y0, width, height = cell
     if count == 4:
@@ -128,8 +141,16 @@ def make_scene(image_id: int, seed: int, image_size: tuple[int, int] | None = No
         size = rng.choice(SIZES) if count == 1 else None
         column, row = GRID_CELLS[position]
         cell = (column * cell_w, row * cell_h, cell_w, cell_h)
-        groups.append({"shape": shape, "color": color, "count": count, "size": size, "position": position,
-                       "shapes": _layout_group(rng, cell, count, size)})
+        groups.append(
+            {
+                "shape": shape,
+                "color": color,
+                "count": count,
+                "size": size,
+                "position": position,
+                "shapes": _layout_group(rng, cell, count, size),
+            }
+        )
     return {"image_id": image_id, "width": width, "height": height, "background": background, "groups": groups}
 
 
@@ -171,12 +192,19 @@ def caption_candidates(scene: dict) -> list[str]:
     templates = list(LIST_TEMPLATES)
     if len(groups) == 1:
         templates += ONE_GROUP_TEMPLATES
-        fields.update(thing=describe_group(groups[0]), sized_thing=describe_group(groups[0], with_size=True),
-                      where=POSITION_PHRASES[groups[0]["position"]])
+        fields.update(
+            thing=describe_group(groups[0]),
+            sized_thing=describe_group(groups[0], with_size=True),
+            where=POSITION_PHRASES[groups[0]["position"]],
+        )
     elif len(groups) == 2:
         templates += TWO_GROUP_TEMPLATES
-        fields.update(thing1=describe_group(groups[0]), where1=POSITION_PHRASES[groups[0]["position"]],
-                      thing2=describe_group(groups[1]), where2=POSITION_PHRASES[groups[1]["position"]])
+        fields.update(
+            thing1=describe_group(groups[0]),
+            where1=POSITION_PHRASES[groups[0]["position"]],
+            thing2=describe_group(groups[1]),
+            where2=POSITION_PHRASES[groups[1]["position"]],
+        )
     else:
         templates += BUSY_TEMPLATES
     return [template.format(**fields) for template in templates]
@@ -198,8 +226,10 @@ def caption_scene(scene: dict, captions_per_image: int, seed: int) -> list[str]:
 def _shape_points(shape: str, center_x: float, center_y: float, radius: float) -> list[tuple[float, float]]:
     if shape == "triangle":  # pointing up, centred on its circumcircle
         angles = [-90, 30, 150]
-        return [(center_x + radius * math.cos(math.radians(a)), center_y + radius * math.sin(math.radians(a)))
-                for a in angles]
+        return [
+            (center_x + radius * math.cos(math.radians(a)), center_y + radius * math.sin(math.radians(a)))
+            for a in angles
+        ]
     if shape == "star":  # five points, inner radius 45% of the outer one
         points = []
         for corner in range(10):
@@ -247,11 +277,13 @@ def _prepare_root(root: Path, force: bool) -> None:
     if not force:
         raise SyntheticCocoError(
             f"{root} already exists and is not empty; pass --force to replace an earlier synthetic build there, "
-            f"or choose another --out")
+            f"or choose another --out"
+        )
     if not scenes_file.is_file():
         raise SyntheticCocoError(
             f"{root} is not empty and has no {SCENES_JSON}, so it is not a synthetic build (maybe a real COCO "
-            f"download); refusing to write into it even with --force. Choose another --out, or empty it yourself")
+            f"download); refusing to write into it even with --force. Choose another --out, or empty it yourself"
+        )
     try:
         previous = json.loads(scenes_file.read_text())
         old_images = [scene["image"] for scene in previous["scenes"]]
@@ -285,24 +317,37 @@ def _assign_splits(train_images: int, test_images: int, seed: int) -> list[tuple
 def write_meta(meta_path: str | Path, root: str | Path, length: int) -> Path:
     """A meta file like shell/data/coco_caption.json that points at `root` and has the right length."""
     root_text = str(root).rstrip("/") + "/"
-    meta = {TRAIN_DATASET_NAME: {"root": root_text, "annotation": f"{root_text}annotations/{TRAIN_JSONL}",
-                                 "data_augment": False, "repeat_time": 1, "length": length}}
+    meta = {
+        TRAIN_DATASET_NAME: {
+            "root": root_text,
+            "annotation": f"{root_text}annotations/{TRAIN_JSONL}",
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": length,
+        }
+    }
     meta_path = Path(meta_path)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     _write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return meta_path
 
 
-def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300, test_images: int = 100,
-                        seed: int = 0, captions_per_image: int = 5, force: bool = False,
-                        meta_path: str | Path | None = None, progress: bool = False,
-                        image_size: tuple[int, int] | None = None) -> dict:
+def make_synthetic_coco(
+    root: str | Path = "data/coco",
+    train_images: int = 300,
+    test_images: int = 100,
+    seed: int = 0,
+    captions_per_image: int = 5,
+    force: bool = False,
+    meta_path: str | Path | None = None,
+    progress: bool = False,
+    image_size: tuple[int, int] | None = None,
+) -> dict:
     """Build a synthetic COCO under `root` and return a summary (counts, paths, sizes, seconds).
 
     Raises SyntheticCocoError when `root` is not empty (see `force`) and ValueError for impossible counts."""
     if train_images < 1 or test_images < 1:
-        raise ValueError(f"need at least one train and one test image (got train={train_images}, "
-                         f"test={test_images})")
+        raise ValueError(f"need at least one train and one test image (got train={train_images}, test={test_images})")
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be at least 1 (got {captions_per_image})")
     if train_images + test_images >= LARGEST_COCO_ID:
@@ -316,12 +361,18 @@ def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300,
     scenes = []
     for split, folder, image_id in _assign_splits(train_images, test_images, seed):
         scene = make_scene(image_id, seed, image_size)
-        scene = {"image": image_path(folder, image_id), "split": split, **scene,
-                 "captions": caption_scene(scene, captions_per_image, seed)}
+        scene = {
+            "image": image_path(folder, image_id),
+            "split": split,
+            **scene,
+            "captions": caption_scene(scene, captions_per_image, seed),
+        }
         scenes.append(scene)
     # The scene list goes first: it names every file this build writes, which is what --force deletes.
-    _write_text(root / SCENES_JSON, json.dumps({"seed": seed, "captions_per_image": captions_per_image,
-                                                "scenes": scenes}, indent=1) + "\n")
+    _write_text(
+        root / SCENES_JSON,
+        json.dumps({"seed": seed, "captions_per_image": captions_per_image, "scenes": scenes}, indent=1) + "\n",
+    )
 
     bar = None
     if progress:
@@ -338,22 +389,38 @@ def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300,
     train_scenes = [scene for scene in scenes if scene["split"] == "train"]
     test_scenes = [scene for scene in scenes if scene["split"] == "test"]
     train_lines = [
-        json.dumps({"image": scene["image"],
-                    "conversations": [{"from": "human", "value": KARPATHY_PROMPT_TURN},
-                                      {"from": "gpt", "value": caption}]})
-        for scene in train_scenes for caption in scene["captions"]]
+        json.dumps(
+            {
+                "image": scene["image"],
+                "conversations": [{"from": "human", "value": KARPATHY_PROMPT_TURN}, {"from": "gpt", "value": caption}],
+            }
+        )
+        for scene in train_scenes
+        for caption in scene["captions"]
+    ]
     _write_text(root / "annotations" / TRAIN_JSONL, "\n".join(train_lines) + "\n")
     test = [{"image": scene["image"], "caption": scene["captions"]} for scene in test_scenes]
     _write_text(root / "annotations" / TEST_JSON, json.dumps(test))
-    annotations = [{"image_id": scene["image_id"], "caption": caption}
-                   for scene in test_scenes for caption in scene["captions"]]
+    annotations = [
+        {"image_id": scene["image_id"], "caption": caption} for scene in test_scenes for caption in scene["captions"]
+    ]
     ground_truth = {
-        "info": {"description": "synthetic COCO Karpathy test split (internvl_chat/synthetic/coco.py)",
-                 "version": "1.0", "year": 2014},
+        "info": {
+            "description": "synthetic COCO Karpathy test split (internvl_chat/synthetic/coco.py)",
+            "version": "1.0",
+            "year": 2014,
+        },
         "licenses": [],
         "type": "captions",
-        "images": [{"id": scene["image_id"], "file_name": Path(scene["image"]).name,
-                    "width": scene["width"], "height": scene["height"]} for scene in test_scenes],
+        "images": [
+            {
+                "id": scene["image_id"],
+                "file_name": Path(scene["image"]).name,
+                "width": scene["width"],
+                "height": scene["height"],
+            }
+            for scene in test_scenes
+        ],
         "annotations": [{**annotation, "id": index + 1} for index, annotation in enumerate(annotations)],
     }
     _write_text(root / "annotations" / TEST_GT_JSON, json.dumps(ground_truth))
@@ -369,13 +436,16 @@ def make_synthetic_coco(root: str | Path = "data/coco", train_images: int = 300,
         "train_lines": len(train_lines),
         "test_images": len(test_scenes),
         "captions_per_image": captions_per_image,
-        "image_sizes": {f"{w}x{h}": n for (w, h), n in
-                        sorted(Counter((s["width"], s["height"]) for s in scenes).items())},
-        "files": {"train_jsonl": str(root / "annotations" / TRAIN_JSONL),
-                  "test_json": str(root / "annotations" / TEST_JSON),
-                  "test_gt_json": str(root / "annotations" / TEST_GT_JSON),
-                  "scenes": str(root / SCENES_JSON),
-                  **({"meta": str(meta_path)} if meta_path is not None else {})},
+        "image_sizes": {
+            f"{w}x{h}": n for (w, h), n in sorted(Counter((s["width"], s["height"]) for s in scenes).items())
+        },
+        "files": {
+            "train_jsonl": str(root / "annotations" / TRAIN_JSONL),
+            "test_json": str(root / "annotations" / TEST_JSON),
+            "test_gt_json": str(root / "annotations" / TEST_GT_JSON),
+            "scenes": str(root / SCENES_JSON),
+            **({"meta": str(meta_path)} if meta_path is not None else {}),
+        },
         "bytes": total_bytes,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -22,7 +22,7 @@ reproducible for the same inputs.
 
 import io
 import os
-from typing import Iterable, List, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -52,9 +52,9 @@ INTERNVL2_TOKENS = INTERNVL_ADDED_TOKENS
 _MIN_LEARNED_VOCAB = 300  # 256 byte pieces + <unk>/<s>/</s> + "\n" + room for characters
 
 
-def _training_lines(texts: Iterable[str]) -> List[str]:
+def _training_lines(texts: Iterable[str]) -> list[str]:
     """Lines to train on: special-token strings removed, split at newlines, no blanks."""
-    lines: List[str] = []
+    lines: list[str] = []
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must be strings, got {type(text).__name__}: {text!r}")

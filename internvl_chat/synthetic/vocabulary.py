@@ -3,6 +3,7 @@
 The synthetic caption generator draws scenes from these lists, and the tiny tokenizer is trained on sentences
 built from them, so every caption word is a short token sequence for the tiny model.
 """
+
 from ..eval.caption_data import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
 
 # name -> RGB; far enough apart that a frozen random ViT still separates them.
@@ -23,9 +24,33 @@ COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 FILLER_WORDS = (
-    "a", "an", "the", "of", "on", "in", "and", "with", "there", "is", "are", "picture", "image", "photo",
-    "background", "corner", "shows", "showing", "drawn", "some", "shapes", "side", "near", "one",
-    "plain", "many", "colorful",
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "and",
+    "with",
+    "there",
+    "is",
+    "are",
+    "picture",
+    "image",
+    "photo",
+    "background",
+    "corner",
+    "shows",
+    "showing",
+    "drawn",
+    "some",
+    "shapes",
+    "side",
+    "near",
+    "one",
+    "plain",
+    "many",
+    "colorful",
 )
 # How a caption names a position: corners are "the top left corner", the middle is "the center".
 POSITION_PHRASES = {position: position if position == "center" else f"{position} corner" for position in POSITIONS}
@@ -72,8 +97,9 @@ def base_model_sentences(count: int, seed: int = 0) -> list[str]:
         groups = []
         for _ in range(rng.randint(1, 3)):
             number, shape = rng.choice(list(COUNT_WORDS)), rng.choice(SHAPES)
-            groups.append(f"{COUNT_WORDS[number]} {rng.choice(list(COLORS))} "
-                          f"{shape if number == 1 else PLURALS[shape]}")
+            groups.append(
+                f"{COUNT_WORDS[number]} {rng.choice(list(COLORS))} {shape if number == 1 else PLURALS[shape]}"
+            )
         things = groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]
         template = rng.choice(BASE_MODEL_TEMPLATES)
         sentences.append(template.format(things=things, background=rng.choice(list(BACKGROUNDS))))
@@ -104,9 +130,19 @@ def vocabulary_sentences() -> list[str]:
         where1 = POSITION_PHRASES[POSITIONS[index % len(POSITIONS)]]
         where2 = POSITION_PHRASES[POSITIONS[(index + 2) % len(POSITIONS)]]
         sized_things = f"a {size} {color1} {shape1} and {thing2}"
-        fields = dict(background=background, things=things, sized_things=sized_things, be="is", thing=thing1,
-                      sized_thing=f"a {size} {color1} {shape1}", where=where1,
-                      thing1=thing1, where1=where1, thing2=thing2, where2=where2)
+        fields = dict(
+            background=background,
+            things=things,
+            sized_things=sized_things,
+            be="is",
+            thing=thing1,
+            sized_thing=f"a {size} {color1} {shape1}",
+            where=where1,
+            thing1=thing1,
+            where1=where1,
+            thing2=thing2,
+            where2=where2,
+        )
         for template in LIST_TEMPLATES + ONE_GROUP_TEMPLATES + TWO_GROUP_TEMPLATES + BUSY_TEMPLATES:
             sentences.append(template.format(**fields))
         sentences.append(f"there are {thing2} on a plain {background} background.")

@@ -4,24 +4,21 @@ Three groups as in the original: model, data, and transformers' TrainingArgument
 original's transformers 4.37 accepted and transformers 5 dropped are mapped here, so the tutorial's command
 lines run unchanged.
 """
+
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
-
-from ..data.collator import PAD_LENGTH_MULTIPLE
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "InternVL2 checkpoint folder"})
-    vision_path: str | None = field(default=None, metadata={"help": "not supported: build from a full checkpoint"})
-    llm_path: str | None = field(default=None, metadata={"help": "not supported: build from a full checkpoint"})
-    mlp_path: str | None = field(default=None, metadata={"help": "not supported"})
     freeze_llm: bool = field(default=False, metadata={"help": "freeze the LLM (before LoRA wrapping)"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the vision encoder"})
     freeze_mlp: bool = field(default=False, metadata={"help": "freeze the projector mlp1"})
-    unfreeze_vit_layers: int = field(default=0, metadata={"help": "train the ViT layers from this index on "
-                                                                  "(negative: the last N)"})
+    unfreeze_vit_layers: int = field(
+        default=0, metadata={"help": "train the ViT layers from this index on (negative: the last N)"}
+    )
     vision_select_layer: int = field(default=-1, metadata={"help": "ViT layer whose output feeds the LLM"})
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank on the ViT (0: none)"})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: none); alpha = 2 x rank"})
@@ -30,64 +27,89 @@ class ModelArguments:
     grad_checkpoint: bool = field(default=True, metadata={"help": "gradient checkpointing in the LLM"})
     drop_path_rate: float = field(default=0.0, metadata={"help": "ViT stochastic depth"})
     ps_version: str = field(default="v2", metadata={"help": "pixel shuffle version (v2 for InternVL2)"})
-    use_fast_tokenizer: bool = field(default=False, metadata={"help": "ignored: InternLM2 has a slow tokenizer only"})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "eager | sdpa | flash_attention_2 (default: flash_attention_2 when flash-attn imports, else sdpa). "
-                "With --group_by_image the LLM runs prefix_split (the rows up to the first caption's end through "
-                "SDPA's causal kernel, the other captions' rows through flex_attention on a GPU, sdpa on a CPU) "
-                "unless flex_attention, sdpa or eager is asked for: flash attention takes no block mask"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager | sdpa | flash_attention_2 | flex_attention (default: flash_attention_2 when flash-attn "
+            "imports, else sdpa). With --group_by_image the LLM runs prefix_split (the rows up to the first "
+            "caption's end through SDPA's causal kernel, the other captions' rows through flex attention on a "
+            "GPU, SDPA on a CPU) unless flex_attention, sdpa or eager is asked for: flash attention takes no "
+            "block mask"
+        },
+    )
 
 
 @dataclass
 class DataTrainingArguments:
     meta_path: str | None = field(default=None, metadata={"help": "meta json naming the training jsonl files"})
-    data_root: str | None = field(default=None, metadata={
-        "help": "resolve the meta file's relative root/annotation paths against this folder instead of the cwd"})
+    data_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "resolve the meta file's relative root/annotation paths against this folder instead of the cwd"
+        },
+    )
     max_seq_length: int = field(default=4096, metadata={"help": "longest sample in tokens (image tokens count)"})
     force_image_size: int = field(default=448, metadata={"help": "tile size"})
     down_sample_ratio: float = field(default=0.5, metadata={"help": "must equal the checkpoint's downsample_ratio"})
-    pad2square: bool = field(default=False, metadata={"help": "not supported (InternVL2 does not use it)"})
     conv_style: str = field(default="internlm2-chat", metadata={"help": "chat template"})
     dynamic_image_size: bool = field(default=False, metadata={"help": "tile images (dynamic resolution)"})
     use_thumbnail: bool = field(default=False, metadata={"help": "add a thumbnail tile when there are several"})
     min_dynamic_patch: int = field(default=1)
-    max_dynamic_patch: int = field(default=12, metadata={"help": "most tiles per image, thumbnail excluded"})
+    max_dynamic_patch: int | None = field(
+        default=None,
+        metadata={
+            "help": "most tiles per image, thumbnail excluded (default: the checkpoint's max_dynamic_patch; the "
+            "tutorial's launcher passes 6)"
+        },
+    )
     normalize_type: str = field(default="imagenet", metadata={"help": "imagenet | clip | siglip"})
     group_by_length: bool = field(default=False, metadata={"help": "the original's length-grouped sampler"})
-    group_by_image: bool = field(default=False, metadata={
-        "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
-                "caption seeing only the prompt and itself); --per_device_train_batch_size then counts pictures"})
-    pack_samples: bool = field(default=False, metadata={
-        "help": "fast mode: each micro-batch's samples in one sequence without padding, each attending to itself "
-                "only (flash-attn's varlen kernel when it imports, else flex attention on a GPU, SDPA with a "
-                "block-diagonal mask on a CPU); the same captions per step and the same loss as padded batches"})
-    pad_to_multiple_of: int = field(default=PAD_LENGTH_MULTIPLE, metadata={
-        "help": "padded batches: their length rounded up to a multiple of this (1, the default: the longest "
-                "sample's, as the original). The loss is the same (right pads are never attended to by a real token "
-                "nor trained on); a larger multiple means fewer one-time per-length costs (cuDNN's attention builds "
-                "an execution plan for every new length, ~137 ms on an H200), but 16 measured 4.6% slower in the "
-                "steady state (docs/PERFORMANCE.md)"})
+    group_by_image: bool = field(
+        default=False,
+        metadata={
+            "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
+            "caption seeing only the prompt and itself); --per_device_train_batch_size then counts pictures"
+        },
+    )
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})
 
 
 @dataclass
 class RunArguments:
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "accepted for the tutorial's command line; a run always resumes from its last complete checkpoint "
-                "unless --auto_resume False"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "accepted for the tutorial's command line; a run always resumes from its last complete checkpoint "
+            "unless --auto_resume False"
+        },
+    )
     auto_resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint-*"})
-    supervised_logits_only: bool = field(default=False, metadata={
-        "help": "fast loss: the LM head only at supervised positions (same loss and gradients as the original, "
-                "without full-vocabulary logits at every position)"})
-    compile_blocks: bool = field(default=False, metadata={
-        "help": "fast mode: torch.compile every ViT and LLM block (fused norms, rotary, LoRA dropout; the first "
-                "steps compile, a minute or two)"})
-    peak_tflops: float | None = field(default=None, metadata={
-        "help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"})
-    profile_steps: str | None = field(default=None, metadata={
-        "help": "FIRST,LAST: record these optimizer steps (1-based) with torch.profiler and write wall and kernel "
-                "time per step and the top operators and kernels to OUTPUT_DIR/profile_steps_FIRST-LAST.txt, "
-                "e.g. 20,22 (after torch.compile's first steps)"})
+    supervised_logits_only: bool = field(
+        default=False,
+        metadata={
+            "help": "fast mode: the LM head only at supervised positions, and for InternLM2 the last decoder layer too "
+            "(same loss and gradients as the original, without full-vocabulary logits at every position)"
+        },
+    )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={
+            "help": "fast mode: torch.compile every ViT and LLM block (fused norms, rotary, LoRA dropout; the first "
+            "steps compile, a minute or two)"
+        },
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"},
+    )
+    profile_steps: str | None = field(
+        default=None,
+        metadata={
+            "help": "FIRST,LAST: record these optimizer steps (1-based) with torch.profiler and write wall and kernel "
+            "time per step and the top operators and kernels to OUTPUT_DIR/profile_steps_FIRST-LAST.txt, "
+            "e.g. 20,22 (after torch.compile's first steps)"
+        },
+    )
 
 
 # transformers 4.37 names -> transformers 5 names

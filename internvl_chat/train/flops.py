@@ -4,11 +4,20 @@ Model FLOPs only: recomputation by gradient checkpointing is not counted (that w
 A matmul of [m, k] x [k, n] is 2mkn. Frozen parts run forward only, except the LLM, whose activations still
 need gradients to reach LoRA adapters (backward ~ forward for frozen weights, 2 x forward for trained ones).
 """
+
 from dataclasses import dataclass
 
 # bf16 dense peak, TFLOP/s, by substring of torch.cuda.get_device_name()
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "4090": 165.0, "A6000": 155.0}
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "4090": 165.0,
+    "A6000": 155.0,
+}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -39,8 +48,9 @@ class FlopModel:
     qkv_lora_params: int = 0  # per layer: its LoRA adapter
 
     @classmethod
-    def from_config(cls, config, lora_rank: int = 0, llm_trainable: bool = False,
-                    last_layer_at_logits: bool = False) -> "FlopModel":
+    def from_config(
+        cls, config, lora_rank: int = 0, llm_trainable: bool = False, last_layer_at_logits: bool = False
+    ) -> "FlopModel":
         vision, llm = config.vision_config, config.llm_config
         hidden, inter = llm.hidden_size, llm.intermediate_size
         kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
@@ -50,23 +60,29 @@ class FlopModel:
         lora = lora_rank * ((hidden + qkv_out) + 2 * hidden + 2 * (hidden + inter) + (inter + hidden))
         tile = config.tile_size
         return cls(
-            vit_hidden=vision.hidden_size, vit_intermediate=vision.intermediate_size,
-            vit_layers=vision.num_hidden_layers, vit_tokens=(tile // vision.patch_size) ** 2 + 1,
+            vit_hidden=vision.hidden_size,
+            vit_intermediate=vision.intermediate_size,
+            vit_layers=vision.num_hidden_layers,
+            vit_tokens=(tile // vision.patch_size) ** 2 + 1,
             patch_size=vision.patch_size,
-            image_tokens=int((tile // vision.patch_size) ** 2 * config.downsample_ratio ** 2),
-            llm_hidden=hidden, llm_matmul_params=llm.num_hidden_layers * per_layer,
-            llm_layers=llm.num_hidden_layers, vocab_size=llm.vocab_size,
-            lora_params=llm.num_hidden_layers * lora, llm_trainable=llm_trainable,
-            last_layer_at_logits=last_layer_at_logits, qkv_params=hidden * qkv_out,
+            image_tokens=int((tile // vision.patch_size) ** 2 * config.downsample_ratio**2),
+            llm_hidden=hidden,
+            llm_matmul_params=llm.num_hidden_layers * per_layer,
+            llm_layers=llm.num_hidden_layers,
+            vocab_size=llm.vocab_size,
+            lora_params=llm.num_hidden_layers * lora,
+            llm_trainable=llm_trainable,
+            last_layer_at_logits=last_layer_at_logits,
+            qkv_params=hidden * qkv_out,
             qkv_lora_params=lora_rank * (hidden + qkv_out),
         )
 
     def vision_flops(self, tiles: int) -> float:
         d, t = self.vit_hidden, self.vit_tokens
         per_layer = 2 * t * (4 * d * d + 2 * d * self.vit_intermediate) + 4 * t * t * d
-        patch = 2 * t * 3 * self.patch_size ** 2 * d
+        patch = 2 * t * 3 * self.patch_size**2 * d
         merged = 4 * d
-        projector = 2 * self.image_tokens * (merged * self.llm_hidden + self.llm_hidden ** 2)
+        projector = 2 * self.image_tokens * (merged * self.llm_hidden + self.llm_hidden**2)
         return tiles * (self.vit_layers * per_layer + patch + projector)
 
     def llm_flops(self, sequence_lengths: list[int], logit_positions: int, backward: bool = True) -> float:

@@ -1,5 +1,6 @@
 """Where a training step's time goes: torch.profiler over a few optimizer steps of a real run (--profile_steps), and
 the summary that tools/gpu/profile_train_step.py prints for the benchmark's steps."""
+
 import logging
 import time
 from pathlib import Path
@@ -30,20 +31,32 @@ def profile_summary(prof, steps: int, wall_seconds: float, top: int = 40) -> str
     (by GPU time where there is a GPU, else by CPU time) and the GPU's idle gaps."""
     # GPU activity: kernels, copies and memsets. Not user annotations: torch.compile marks each compiled graph's
     # span on the GPU timeline too, which would count its kernels twice and cover the gaps between them.
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                     and not getattr(e, "is_user_annotation", False)]
+    device_events = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     lines = [f"{wall_seconds / steps * 1e3:.1f} ms wall per step over {steps} step(s)"]
     if device_events:
         busy = busy_time([Span(e.time_range.start, e.time_range.end, e.name) for e in device_events]) / 1e3 / steps
-        lines[0] += (f", GPU busy {busy:.1f} ms per step, {len(device_events) / steps:.0f} kernel launches "
-                     f"per step, {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start")
+        lines[0] += (
+            f", GPU busy {busy:.1f} ms per step, {len(device_events) / steps:.0f} kernel launches "
+            f"per step, {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries since the start"
+        )
     sort_by = "cuda_time_total" if device_events else "cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90))
     if device_events:
+
         def spans(events):  # input shapes where the profiler recorded them (record_shapes=True)
-            return [Span(e.time_range.start, e.time_range.end, e.name,
-                         str([list(s) for s in e.input_shapes if s]) if getattr(e, "input_shapes", None) else "")
-                    for e in events]
+            return [
+                Span(
+                    e.time_range.start,
+                    e.time_range.end,
+                    e.name,
+                    str([list(s) for s in e.input_shapes if s]) if getattr(e, "input_shapes", None) else "",
+                )
+                for e in events
+            ]
 
         host_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
         lines.append(idle_report(spans(device_events), spans(host_events), steps))
@@ -70,8 +83,7 @@ def busy_time(kernels: list[Span]) -> float:
     return total
 
 
-def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int = 12,
-                min_gap_us: float = 200.0) -> str:
+def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int = 12, min_gap_us: float = 200.0) -> str:
     """Where the GPU waits: the gaps between kernels (overlapping kernels merged), the longest with the kernels on
     either side and the host operators that overlap it most (what the host was busy with meanwhile)."""
     kernels = sorted(kernels)
@@ -82,12 +94,17 @@ def idle_report(kernels: list[Span], host_ops: list[Span], steps: int, top: int 
         if busy_until is None or kernel.end > busy_until:
             busy_until, previous = kernel.end, kernel.name
     total_ms = sum(gap[0] for gap in gaps) / 1e3
-    lines = [f"GPU idle in gaps of {min_gap_us / 1e3:.1f} ms or more: {total_ms / steps:.1f} ms per step "
-             f"({len(gaps) / steps:.0f} gaps per step); the longest:"]
+    lines = [
+        f"GPU idle in gaps of {min_gap_us / 1e3:.1f} ms or more: {total_ms / steps:.1f} ms per step "
+        f"({len(gaps) / steps:.0f} gaps per step); the longest:"
+    ]
     for length, start, before, after in sorted(gaps, reverse=True)[:top]:
         end = start + length
-        overlapping = sorted((op for op in host_ops if op.start < end and op.end > start),
-                             key=lambda op: min(op.end, end) - max(op.start, start), reverse=True)
+        overlapping = sorted(
+            (op for op in host_ops if op.start < end and op.end > start),
+            key=lambda op: min(op.end, end) - max(op.start, start),
+            reverse=True,
+        )
         names = dict.fromkeys(op.name + (op.shapes[:80] if op.shapes not in ("", "[]") else "") for op in overlapping)
         host = ", ".join(list(names)[:4]) or "-"
         lines.append(f"  {length / 1e3:7.2f} ms after {before[:60]} before {after[:60]}; host: {host[:300]}")
@@ -124,15 +141,20 @@ class StepProfiler(TrainerCallback):
         self._profiler = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(f"optimizer steps {self.first}-{self.last}\n{summary}\n")
-        logger.info("Profile of steps %d-%d written to %s (%s)", self.first, self.last, self.path,
-                    summary.splitlines()[0])
+        logger.info(
+            "Profile of steps %d-%d written to %s (%s)", self.first, self.last, self.path, summary.splitlines()[0]
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._profiler is not None:  # the run ended before the last profiled step
             self._profiler.__exit__(None, None, None)
             self._profiler = None
-            logger.warning("--profile_steps %d,%d: the run ended at step %d before the last profiled step; "
-                           "nothing written", self.first, self.last, state.global_step)
+            logger.warning(
+                "--profile_steps %d,%d: the run ended at step %d before the last profiled step; nothing written",
+                self.first,
+                self.last,
+                state.global_step,
+            )
 
 
 def synchronize() -> None:

@@ -1,5 +1,6 @@
 """The Trainer of the fine-tuning recipe: transformers' Trainer plus the original's length-grouped sampler,
 throughput and MFU logging, and checkpoints that are only resumed from when complete."""
+
 import gc
 import json
 import logging
@@ -14,52 +15,12 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
-from ..data.collator import batch_counts
-from ..data.dataset import PicturesOnceDataset
-from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
-from ..model.modeling_internvl_chat import only_right_padding, positions_through_padding
+from ..data.dataset import ImageGroupedDataset
+from .batch_layout import COUNTS_KEY, BatchLayout
 from .flops import FlopModel
 
 logger = logging.getLogger("internvl_chat.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-COUNTS_KEY = "batch_counts"  # set by TrainingCollator, taken out before the forward
-
-
-class TrainingCollator:
-    """The recipe's collator plus what is cheaper in the loader workers than in the training process, where the
-    same work on the GPU's tensors would make the host wait for the GPU:
-    - the batch's throughput counts, taken on the CPU;
-    - floating tensors (the pixels) in `float_dtype`, the dtype the model is loaded in and computes in (the ViT
-      casts its input to it anyway, so the values are the same) and half the bytes to copy to the GPU. In the
-      launcher's H200 profile the host spent 12-19 ms per micro-batch of 4 pictures in a copy to the device
-      while the GPU waited (docs/PERFORMANCE.md);
-    - `image_flags` left out when every tile is a picture's (no text-only sample in the batch): the forward then
-      skips selecting the features of flagged tiles, a boolean selection that waits for the GPU;
-    - a right-padding mask turned into what the forward would make of it on the GPU after a host wait
-      (InternVLChatModel._attention_inputs_for_backend): no mask, the pads' positions continued; and positions
-      that are 0, 1, 2, ... in every row left out, since the LLM numbers them that way itself (our InternLM2 then
-      skips transformers' check for packed sequences, another host wait)."""
-
-    def __init__(self, collate, float_dtype: torch.dtype | None = None):
-        self.collate = collate
-        self.float_dtype = float_dtype
-
-    def __call__(self, features) -> dict:
-        batch = self.collate(features)
-        batch[COUNTS_KEY] = batch_counts(batch)
-        if "image_flags" in batch and bool(batch["image_flags"].all()):
-            del batch["image_flags"]
-        if only_right_padding(batch.get("attention_mask")) and "position_ids" in batch:
-            keep = batch.pop("attention_mask").bool()
-            batch["position_ids"] = positions_through_padding(batch["position_ids"], keep)
-        positions = batch.get("position_ids")
-        if positions is not None and torch.equal(positions, torch.arange(positions.shape[1]).expand_as(positions)):
-            del batch["position_ids"]
-        if self.float_dtype is not None:
-            for key, value in batch.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    batch[key] = value.to(self.float_dtype)
-        return batch
 
 
 class GarbageCollectionTimer:
@@ -108,8 +69,11 @@ class FreezeObjectsAfterCompiling(TrainerCallback):
         if self.steps == self.after_steps:
             gc.collect()
             gc.freeze()
-            logger.info("Python's garbage collector: the %d objects alive after the first %d steps frozen (gc.freeze)",
-                        gc.get_freeze_count(), self.after_steps)
+            logger.info(
+                "Python's garbage collector: the %d objects alive after the first %d steps frozen (gc.freeze)",
+                gc.get_freeze_count(),
+                self.after_steps,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.steps >= self.after_steps:
@@ -130,8 +94,10 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
-                    if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))), reverse=True)
+    steps = sorted(
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))),
+        reverse=True,
+    )
     for _, folder in steps:
         if is_complete_checkpoint(folder):
             return folder
@@ -139,15 +105,23 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 class InternVLTrainer(Trainer):
-    def __init__(self, *args, lengths: list[int] | None = None, flop_model: FlopModel | None = None,
-                 peak_tflops: float | None = None, supervised_logits_only: bool = False,
-                 image_groups: list[list[int]] | None = None, **kwargs):
+    """transformers' Trainer with the run's BatchLayout (sampler, collator, model inputs), throughput, FLOP and MFU
+    logging, and the original's step count for epoch-based runs."""
+
+    def __init__(
+        self,
+        *args,
+        layout: BatchLayout | None = None,
+        lengths: list[int] | None = None,
+        flop_model: FlopModel | None = None,
+        peak_tflops: float | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        # the launcher loads the model in bf16 / fp16 with --bf16 / --fp16 (internvl_chat_finetune.load_model)
+        self.layout = layout or BatchLayout()
+        # the launcher loads the model in bf16 / fp16 with --bf16 / --fp16 (train/model_setup.py)
         float_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        self.data_collator = TrainingCollator(self.data_collator, float_dtype)
-        self.image_groups = image_groups
-        self.supervised_logits_only = supervised_logits_only
+        self.data_collator = self.layout.collator(float_dtype)
         self.lengths = lengths
         self.flop_model = flop_model
         self.peak_tflops = peak_tflops
@@ -176,8 +150,10 @@ class InternVLTrainer(Trainer):
             timer = deepspeed_config.config.setdefault("timers", {}).setdefault("throughput", {})
             if "synchronized" not in timer:
                 timer["synchronized"] = False
-                logger.info("DeepSpeed's throughput timer without GPU synchronization (timers.throughput."
-                            "synchronized false): a host wait less at every micro-step's forward and step")
+                logger.info(
+                    "DeepSpeed's throughput timer without GPU synchronization (timers.throughput."
+                    "synchronized false): a host wait less at every micro-step's forward and step"
+                )
         super().create_accelerator_and_postprocess()
 
     def train(self, *args, **kwargs):
@@ -185,25 +161,28 @@ class InternVLTrainer(Trainer):
             return super().train(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.lengths is None:
-            return super()._get_train_sampler(train_dataset)
-        # The original groups over ranks x accumulation steps: one megabatch per optimizer step.
         world = self.args.world_size * self.args.gradient_accumulation_steps
-        generator = torch.Generator().manual_seed(self.args.seed)
-        return LengthGroupedSampler(self.args.train_batch_size, world, self.lengths, generator)
+        sampler = None
+        if self.lengths is not None:
+            sampler = self.layout.sampler(self.lengths, self.args.train_batch_size, world, self.args.seed)
+        return sampler or super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
-        """With image groups, a micro-batch is per_device_train_batch_size pictures with all their captions, each
+        """Grouped by image, a micro-batch is per_device_train_batch_size pictures with all their captions, each
         picture loaded once; accelerate deals the batches out to the ranks as it does for any other sampler."""
-        if self.image_groups is None:
+        if not self.layout.group_by_image:
             return super().get_train_dataloader()
-        sampler = ImageGroupedBatchSampler(self.image_groups, self.args.per_device_train_batch_size,
-                                           seed=self.args.seed)
-        loader = DataLoader(PicturesOnceDataset(self.train_dataset), batch_sampler=sampler,
-                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
-                            pin_memory=self.args.dataloader_pin_memory,
-                            worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
-                                                   rank=self.args.process_index))
+        sampler = self.layout.batch_sampler(self.train_dataset, self.args.per_device_train_batch_size, self.args.seed)
+        loader = DataLoader(
+            ImageGroupedDataset(self.train_dataset),
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
         return self.accelerator.prepare(loader)
 
     def set_initial_training_values(self, args, dataloader):
@@ -224,9 +203,10 @@ class InternVLTrainer(Trainer):
         self._window["samples"] += counts.captions
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
-            logit_positions = counts.supervised if self.supervised_logits_only else inputs["input_ids"].numel()
+            logit_positions = counts.supervised if self.layout.supervised_logits_only else inputs["input_ids"].numel()
             self._micro_step_flops = self.flop_model.train_step_flops(
-                int(inputs["pixel_values"].shape[0]), counts.lengths, logit_positions=logit_positions)
+                int(inputs["pixel_values"].shape[0]), counts.lengths, logit_positions=logit_positions
+            )
             self._window["flops"] += self._micro_step_flops
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.filter_nan_inf_losses and hasattr(self, "_tr_loss"):  # the loop's replacement, without a host read
@@ -242,15 +222,15 @@ class InternVLTrainer(Trainer):
         return self._micro_step_flops
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {key: value for key, value in inputs.items() if key != COUNTS_KEY}  # training and evaluation
-        if self.supervised_logits_only:
-            inputs = {**inputs, "logits_for_labels_only": True}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, self.layout.model_inputs(inputs), return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window_start is not None:
-            counts = torch.tensor([self._window["samples"], self._window["tokens"], self._window["flops"]],
-                                  dtype=torch.float64, device=self.args.device)
+            counts = torch.tensor(
+                [self._window["samples"], self._window["tokens"], self._window["flops"]],
+                dtype=torch.float64,
+                device=self.args.device,
+            )
             counts = self.accelerator.reduce(counts, reduction="sum")
             elapsed = max(time.perf_counter() - self._window_start, 1e-9)
             samples, tokens, flops = counts.tolist()

@@ -4,6 +4,7 @@ format, loaded with our loader, and chats; prints and writes load time, generati
 
   python tools/gpu/check_model.py --like InternVL2-2B --out results/check_model.json
 """
+
 import argparse
 import json
 import sys
@@ -41,8 +42,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.like
-        _, report["build_s"] = timed(lambda: build_checkpoint(folder, like=args.like, dtype=torch.bfloat16,
-                                                              device="cuda"))
+        _, report["build_s"] = timed(
+            lambda: build_checkpoint(folder, like=args.like, dtype=torch.bfloat16, device="cuda")
+        )
         report["checkpoint_gib"] = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -57,19 +59,28 @@ def main():
     question = CAPTION_PROMPT
     fixed = dict(do_sample=False, num_beams=1)
     model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=2))  # warm-up
-    one, report["chat_1_token_s"] = timed(lambda: model.chat(tokenizer, pixels, question,
-                                                             dict(fixed, max_new_tokens=1)))
-    full, report["chat_s"] = timed(lambda: model.chat(
-        tokenizer, pixels, question, dict(fixed, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)))
+    one, report["chat_1_token_s"] = timed(
+        lambda: model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=1))
+    )
+    full, report["chat_s"] = timed(
+        lambda: model.chat(
+            tokenizer, pixels, question, dict(fixed, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        )
+    )
     report["prompt_tokens"] = args.tiles * model.num_image_token + 60
     report["decode_tokens_per_s"] = (args.new_tokens - 1) / (report["chat_s"] - report["chat_1_token_s"])
     report["sample_answer"] = full
 
     batch_pixels = pixels.repeat(args.batch, 1, 1, 1)
-    answers, report["batch_chat_s"] = timed(lambda: model.batch_chat(
-        tokenizer, batch_pixels, [question] * args.batch,
-        dict(fixed, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-        num_patches_list=[args.tiles] * args.batch))
+    answers, report["batch_chat_s"] = timed(
+        lambda: model.batch_chat(
+            tokenizer,
+            batch_pixels,
+            [question] * args.batch,
+            dict(fixed, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+            num_patches_list=[args.tiles] * args.batch,
+        )
+    )
     report["batch_images_per_s"] = args.batch / report["batch_chat_s"]
     report["batch_equals_single"] = all(answer == full for answer in answers)
     report["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -1,20 +1,19 @@
 #!/bin/sh
 # One device call: the tutorial's launcher (finetune_check.sh: random full-size InternVL2-2B, COCO-shaped synthetic
-# data, ZeRO-1, bf16, 8 loader workers) in the fast per-caption, grouped and packed modes, each with a profile of
-# steps PROFILE, then the table of all runs (tools/gpu/launcher_table.py).
+# data, ZeRO-1, bf16, 8 loader workers) in the faithful and the two fast modes, each with a profile of steps PROFILE,
+# then the table of all runs (tools/gpu/launcher_table.py).
 #   sh tools/gpu/launcher_modes_check.sh OUT_DIR
 #   RUNS="per_caption grouped" STEPS=24 PROFILE=20,22 LIMIT=240 sh tools/gpu/launcher_modes_check.sh OUT_DIR
-#   RUNS=per_caption PROFILE=none TAG=_one_plan TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 sh tools/gpu/launcher_modes_check.sh OUT
-# Environment: RUNS (any of faithful per_caption grouped packed), STEPS, PROFILE (FIRST,LAST, or none), LIMIT
+# Environment: RUNS (any of faithful per_caption grouped), STEPS, PROFILE (FIRST,LAST, or none), LIMIT
 # (seconds per run; a run stopped there keeps its logs), TAG (appended to each run's name), EXTRA (launcher flags
-# added to every run, e.g. "--pad_to_multiple_of 1"), PYTHON; the runs inherit
+# added to every run, e.g. "--logging_steps 1"), PYTHON; the runs inherit
 # the rest of the environment. Carry .whl (DeepSpeed and its needs). Leaves the table in
 # OUT_DIR/launcher_table.md and every run's logs in OUT_DIR/launcher_logs.tar.gz, written again after each run (the
 # device tool returns a few files only, and a command stopped at its limit returns what $OUT has by then).
 set -u
 out=${1:?usage: sh tools/gpu/launcher_modes_check.sh OUT_DIR}
 python=${PYTHON:-python3}
-RUNS=${RUNS:-per_caption grouped packed}
+RUNS=${RUNS:-faithful per_caption grouped}
 STEPS=${STEPS:-20}
 PROFILE=${PROFILE:-16,18}
 LIMIT=${LIMIT:-240}
@@ -26,9 +25,8 @@ for run in $RUNS; do
     case $run in
         faithful) flags="" ;;
         per_caption) flags="$fast" ;;
-        grouped) flags="$fast --group_by_image True --group_by_length False" ;;
-        packed) flags="$fast --pack_samples True" ;;
-        *) echo "unknown run $run (faithful, per_caption, grouped, packed)" >&2; exit 2 ;;
+        grouped) flags="$fast --group_by_image True" ;;
+        *) echo "unknown run $run (faithful, per_caption, grouped)" >&2; exit 2 ;;
     esac
     name=$run${TAG:-}
     profile_flags=""

@@ -7,6 +7,7 @@ A random full-size model (built under --work if missing) and random 7-tile pixel
 the ViT and the prefill of one batch are profiled separately. Prints each part's wall time and its kernels
 grouped by name.
 """
+
 import argparse
 import sys
 import time
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from internvl_chat.eval.caption_data import CAPTION_PROMPT  # noqa: E402
-from internvl_chat.eval.fast_captioner import FAST_ATTENTION, FastCaptioner  # noqa: E402
+from internvl_chat.eval.fast_captioner import FastCaptioner, fast_engine_attention  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 
@@ -48,22 +49,20 @@ def main() -> None:
     model_dir = Path(args.work) / args.like
     if not (model_dir / "config.json").exists():
         build_checkpoint(model_dir, like=args.like, dtype=torch.bfloat16, device="cuda")
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    model = load_model(model_dir, attn_implementation=fast_engine_attention(None))
+    tokenizer = load_tokenizer(model_dir)
     captioner = FastCaptioner(model, tokenizer, CAPTION_PROMPT)
     tiles = 7
     size = model.config.vision_config.image_size
     pixels = torch.randn(args.batch * tiles, 3, size, size, device="cuda", dtype=torch.bfloat16)
     captioner.caption(pixels, tiles)  # warm-up: lazy inits, the decoding graph
 
-    llm_config = captioner.llm.config
-    chosen, llm_config._attn_implementation = llm_config._attn_implementation, FAST_ATTENTION
     with torch.inference_mode():
         ids = captioner.prompt_ids(tiles).cuda().expand(args.batch, -1)
         features = profiled("ViT + projector", lambda: model.extract_feature(pixels), args.top)
         embeds, _ = model.embed_with_images(ids, features, strict=True)
         state = captioner._state(args.batch, ids.shape[1], embeds.dtype, pixels.device)
         profiled("prefill", lambda: captioner._prefill(embeds, state.cache), args.top)
-    llm_config._attn_implementation = chosen
 
 
 if __name__ == "__main__":

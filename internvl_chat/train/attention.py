@@ -1,15 +1,17 @@
-"""The LLM's attention for shared-image sequences (--group_by_image): one picture's prompt and image tokens once,
-then its captions, each caption seeing the prompt and itself only, under a boolean [B, 1, L, L] mask.
+"""The LLM's attention for sequences grouped by image (--group_by_image): one picture's prompt and image tokens
+once, then its captions, each caption seeing the prompt and itself only, under a boolean [B, 1, L, L] mask.
 
 Up to the end of the first caption every row of that mask is plain causal, in every sequence of the batch: about
 95% of the queries and of the attention work in COCO's shape. `prefix_split_attention` runs those head rows
-through SDPA's causal kernel (cuDNN on Hopper, which runs well above flex attention's rate there,
-docs/PERFORMANCE.md) and only the remaining tail rows under the mask: flex attention with a BlockMask on a GPU,
-SDPA with the dense rows elsewhere (PyTorch has no flex attention backward on the CPU).
+through SDPA's causal kernel (cuDNN on Hopper, well above flex attention's rate there) and only the remaining
+tail rows under the mask: flex attention with a BlockMask on a GPU, SDPA with the dense rows elsewhere (PyTorch
+has no flex attention backward on the CPU).
 
 The attention function gets the tail rows' mask only, [B, 1, L - head, L]: the head length is the difference
-of the query and mask lengths, so nothing else has to travel through transformers' decoder layers.
+of the query and mask lengths, so nothing else has to travel through transformers' decoder layers. Importing
+this module registers it in transformers' attention table as PREFIX_SPLIT_ATTENTION.
 """
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -38,8 +40,7 @@ def block_mask_from_dense(mask: torch.Tensor, block: int = 128):
     """A boolean [B, 1, Q, KV] mask as flex attention's BlockMask: blocks of block x block that the mask leaves
     empty are skipped, full ones run without a mask, and only the partly masked ones read the dense mask.
     The block lists come from reductions over the dense mask; create_block_mask evaluates a mask function
-    through vmap instead, several times the host time (tools/benchmark_block_mask.py), and the GPU waits for it:
-    12 ms in the launcher's H200 profile (docs/PERFORMANCE.md)."""
+    through vmap instead, several times the host time, while the GPU waits for it."""
     from torch.nn.attention.flex_attention import BlockMask
 
     batch, heads, q_length, kv_length = mask.shape
@@ -55,15 +56,21 @@ def block_mask_from_dense(mask: torch.Tensor, block: int = 128):
 
     partial_count, partial_indices = block_lists(allowed & ~full)
     full_count, full_indices = block_lists(full)
-    return BlockMask.from_kv_blocks(partial_count, partial_indices, full_count, full_indices, BLOCK_SIZE=block,
-                                    mask_mod=lambda b, h, q, kv: mask[b, 0, q, kv],
-                                    seq_lengths=(q_length, kv_length))
+    return BlockMask.from_kv_blocks(
+        partial_count,
+        partial_indices,
+        full_count,
+        full_indices,
+        BLOCK_SIZE=block,
+        mask_mod=lambda b, h, q, kv: mask[b, 0, q, kv],
+        seq_lengths=(q_length, kv_length),
+    )
 
 
 def split_mask(mask: torch.Tensor, flex_tail: bool):
     """The mask `prefix_split_attention` takes: the rows after the causal head, as a BlockMask for flex attention
     or as they are for SDPA."""
-    tail = mask[:, :, causal_head_length(mask):]
+    tail = mask[:, :, causal_head_length(mask) :]
     return block_mask_from_dense(tail) if flex_tail else tail
 
 
@@ -78,8 +85,9 @@ def prefix_split_attention(module, query, key, value, attention_mask, **kwargs):
     head = query.shape[2] - attention_mask.shape[-2]
     if head == 0:
         return tail_attention(module, query, key, value, attention_mask, **kwargs)
-    head_out, _ = sdpa_attention_forward(module, query[:, :, :head], key[:, :, :head], value[:, :, :head], None,
-                                         **kwargs)
+    head_out, _ = sdpa_attention_forward(
+        module, query[:, :, :head], key[:, :, :head], value[:, :, :head], None, **kwargs
+    )
     tail_out, _ = tail_attention(module, query[:, :, head:], key, value, attention_mask, **kwargs)
     return torch.cat([head_out, tail_out], dim=1), None
 
