@@ -73,3 +73,29 @@ def test_reference_outputs(reference, attn_implementation, tolerance):
     assert relative_error(outputs["logits_via_forward"], arrays["logits"]) <= tolerance
     # the greedy choice at the last positions, as recorded in ref_outputs.json
     assert outputs["logits"][0, -8:].argmax(-1).tolist() == [26, 197, 116, 81, 78, 77, 25, 48]
+
+
+def test_what_we_write_is_what_the_original_wrote(reference, tmp_path):
+    """The reference checkpoint loaded and saved again by this repository: the same safetensors keys, shapes and
+    values as the file the original code wrote, and a config.json with every field the original's has, at the same
+    values (the original's loader then finds no missing or unexpected keys)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder, _ = reference
+    model = InternVLChatModel.from_pretrained(folder, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "again")
+    ours, theirs = load_file(tmp_path / "again" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())
+    skip = {"_commit_hash", "transformers_version", "torch_dtype", "vision_config", "llm_config"}
+    for key, value in original.items():
+        if key not in skip:
+            assert written[key] == value, key
+    for part in ("vision_config", "llm_config"):
+        for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if key in original[part]:
+                assert written[part][key] == original[part][key], (part, key)
