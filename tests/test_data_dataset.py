@@ -15,8 +15,7 @@ from internvl_chat.data.preprocess import IGNORE_INDEX, ConversationTokenizer, S
 from internvl_chat.data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler, length_grouped_indices
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
-from internvl_chat.synthetic.checkpoint import tiny_config_dict, tokenizer_corpus
-from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
+from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
 PROMPT = "<image>\nProvide a one-sentence caption for the provided image."
 
@@ -33,8 +32,8 @@ def line(image, caption, prompt=PROMPT):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), tokenizer_corpus())
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture

@@ -6,16 +6,14 @@ import torch
 
 from internvl_chat.data.preprocess import IGNORE_INDEX, ConversationTokenizer, SampleError
 from internvl_chat.model.conversation import get_conv_template
-from internvl_chat.synthetic.checkpoint import tokenizer_corpus
-from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
 
 PROMPT = "Provide a one-sentence caption for the provided image."
 TOKENS_PER_TILE = 4  # small, so the restated original (which tokenizes every <IMG_CONTEXT>) stays fast
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), tokenizer_corpus())
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def caption_sample(caption="Two red circles on a gray background. "):

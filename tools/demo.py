@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from internvl_chat.data.validate import image_id_from_name  # noqa: E402
+from internvl_chat.eval.scoring import METRIC_NAMES  # noqa: E402
 
-METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+METRICS = METRIC_NAMES
 LAUNCHER = "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
 MODEL = "pretrained/InternVL2-tiny"
 RUN = "work_dirs/internvl_chat_v2_0/demo_lora_coco"

@@ -129,7 +129,3 @@ def load_model(
     if not auto:
         model = model.to(device)
     return model
-
-
-def load_model_and_tokenizer(path, **kwargs):
-    return load_model(path, **kwargs), load_tokenizer(path)

@@ -297,17 +297,6 @@ PRESETS = {
     ),
 }
 
-# The fine-tuning launcher of each size (shell/internvl2.0/2nd_finetune/<stem>_{full,lora}.sh).
-LAUNCHER_STEMS = {
-    "InternVL2-1B": "internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune",
-    "InternVL2-2B": "internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune",
-    "InternVL2-4B": "internvl2_4b_phi3_3_8b_dynamic_res_2nd_finetune",
-    "InternVL2-8B": "internvl2_8b_internlm2_7b_dynamic_res_2nd_finetune",
-    "InternVL2-26B": "internvl2_26b_internlm2_20b_dynamic_res_2nd_finetune",
-    "InternVL2-40B": "internvl2_40b_hermes2_yi_34b_dynamic_res_2nd_finetune",
-    "InternVL2-76B": "internvl2_76b_hermes2_llama3_70b_dynamic_res_2nd_finetune",
-}
-
 
 def preset_config_dict(name: str) -> dict:
     """A full InternVLChatConfig dict for one of the seven sizes (a deep copy; safe to modify)."""

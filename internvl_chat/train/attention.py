@@ -67,16 +67,10 @@ def block_mask_from_dense(mask: torch.Tensor, block: int = 128):
     )
 
 
-def split_mask(mask: torch.Tensor, flex_tail: bool):
-    """The mask `prefix_split_attention` takes: the rows after the causal head, as a BlockMask for flex attention
-    or as they are for SDPA."""
-    tail = mask[:, :, causal_head_length(mask) :]
-    return block_mask_from_dense(tail) if flex_tail else tail
-
-
 def prefix_split_attention(module, query, key, value, attention_mask, **kwargs):
-    """query [B, H, L, D], key and value [B, H_kv, L, D]; attention_mask: the tail rows' mask (split_mask), or
-    None for plain causal attention. Returns ([B, L, H, D], None), as transformers' attention functions do."""
+    """query [B, H, L, D], key and value [B, H_kv, L, D]; attention_mask: the tail rows' mask (the rows after
+    causal_head_length, dense or as a BlockMask), or None for plain causal attention. Returns ([B, L, H, D], None),
+    as transformers' attention functions do."""
     if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     from torch.nn.attention.flex_attention import BlockMask

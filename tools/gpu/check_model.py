@@ -59,9 +59,7 @@ def main():
     question = CAPTION_PROMPT
     fixed = dict(do_sample=False, num_beams=1)
     model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=2))  # warm-up
-    one, report["chat_1_token_s"] = timed(
-        lambda: model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=1))
-    )
+    _, report["chat_1_token_s"] = timed(lambda: model.chat(tokenizer, pixels, question, dict(fixed, max_new_tokens=1)))
     full, report["chat_s"] = timed(
         lambda: model.chat(
             tokenizer, pixels, question, dict(fixed, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
