@@ -33,27 +33,13 @@ LLM_CLASSES = {
 }
 
 # The original's LoRA targets per LLM family; PEFT matches them as module-name suffixes.
+_SEPARATE_QKV_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj")  # fmt: skip
 LLM_LORA_TARGETS = {
     "InternLM2ForCausalLM": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
     "Phi3ForCausalLM": ("mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"),
-    "Qwen2ForCausalLM": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.down_proj",
-        "mlp.up_proj",
-    ),
-    "LlamaForCausalLM": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.down_proj",
-        "mlp.up_proj",
-    ),
+    "Qwen2ForCausalLM": _SEPARATE_QKV_TARGETS,
+    "LlamaForCausalLM": _SEPARATE_QKV_TARGETS,
 }
 BACKBONE_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
