@@ -4,8 +4,9 @@
 #   GPUS=4 sh evaluate.sh work_dirs/internvl_chat_v2_0/<run> caption-coco --dynamic --batch-size 16
 # Tasks: caption-coco, caption-flickr30k, caption-nocaps, caption (all three). Options go to
 # internvl_chat/eval/evaluate_caption.py (--dynamic, --max-dynamic-patch, --num-beams, --temperature, --out-dir, --seed,
-# --auto, --batch-size, --data-root, --spice, --skip-scoring). Environment: GPUS [8] (processes; CPU processes
-# on a machine without GPU), MASTER_PORT [63669], TORCHRUN, PYTHON. The checkpoint path may be relative or absolute.
+# --auto, --batch-size, --data-root, --spice, --skip-scoring). Environment: GPUS [every GPU there is; 1 process on a
+# machine without GPU], MASTER_PORT [a free one], PYTHON, TORCHRUN [python -m internvl_chat.launch]. The checkpoint
+# path may be relative or absolute.
 set -eu
 
 usage() { echo "usage: GPUS=N sh evaluate.sh CHECKPOINT caption-coco|caption-flickr30k|caption-nocaps|caption [options]" >&2; exit 2; }
@@ -22,25 +23,33 @@ case "$TASK" in
     caption-nocaps) DATASETS=nocaps ;;
     *) echo "evaluate.sh: unknown task '$TASK'" >&2; usage ;;
 esac
-[ -d "$CHECKPOINT" ] || { echo "evaluate.sh: checkpoint folder '$CHECKPOINT' does not exist" >&2; exit 2; }
 
-GPUS=${GPUS:-8}
+if [ -x "$repo/.venv/bin/python" ]; then PYTHON=${PYTHON:-$repo/.venv/bin/python3}; else PYTHON=${PYTHON:-python3}; fi
+. "$repo/shell/gpu_count.sh"
+available=$gpu_count
+if [ "$available" -gt 0 ]; then GPUS=${GPUS:-$available}; else GPUS=${GPUS:-1}; fi
 for arg in "$@"; do
     [ "$arg" = "--auto" ] && GPUS=1  # one process; the model is split over the GPUs
 done
 case "$GPUS" in ''|*[!0-9]*|0) echo "evaluate.sh: GPUS must be a positive whole number, got '$GPUS'" >&2; exit 2 ;; esac
-
-if [ -x "$repo/.venv/bin/python" ]; then default_bin="$repo/.venv/bin/"; else default_bin=""; fi
-PYTHON=${PYTHON:-${default_bin}python3}
-TORCHRUN=${TORCHRUN:-${default_bin}torchrun}
-available=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$available" -gt 0 ] && [ "$GPUS" -gt "$available" ]; then
     echo "evaluate.sh: GPUS=$GPUS but this machine has $available GPU(s); set GPUS=$available" >&2
     exit 2
 fi
-[ "$available" -gt 0 ] || echo "[evaluate.sh] no GPU found: captioning on the CPU with $GPUS process(es), float32"
 
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$TORCHRUN" --nnodes=1 --node_rank=0 --master_addr=127.0.0.1 --nproc_per_node="$GPUS" \
-    --master_port="${MASTER_PORT:-63669}" \
-    "$repo/internvl_chat/eval/evaluate_caption.py" --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
+entry="$repo/internvl_chat/eval/evaluate_caption.py"
+# The checkpoint, the test sets and Java, checked before any process starts.
+"$PYTHON" -m internvl_chat.eval.inputs --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@" || exit $?
+[ "$available" -gt 0 ] || echo "[evaluate.sh] no GPU found: captioning on the CPU with $GPUS process(es), float32"
+
+port=""
+[ -z "${MASTER_PORT:-}" ] || port="--master_port=$MASTER_PORT"  # else torchrun takes a free one
+# shellcheck disable=SC2086  # port is one word or none
+if [ -n "${TORCHRUN:-}" ]; then
+    set -- "$TORCHRUN" --nnodes=1 --nproc_per_node="$GPUS" $port "$entry" --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
+else
+    set -- "$PYTHON" -m internvl_chat.launch --nnodes=1 --nproc_per_node="$GPUS" $port \
+        "$entry" --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
+fi
+exec "$@"

@@ -1,11 +1,12 @@
 #!/bin/sh
 # The common part of the shell/internvl2.0/2nd_finetune/*.sh launchers (they exec this with the model's
-# arguments): batch arithmetic, GPU or CPU, torchrun on the fine-tuning entry point, and a log kept in
-# OUTPUT_DIR/training_log.txt. Environment (defaults in brackets):
+# arguments): batch arithmetic, GPU or CPU, the inputs checked before anything starts, torchrun on the fine-tuning
+# entry point, and the log kept in OUTPUT_DIR/training_log.txt. Environment (defaults in brackets):
 #   GPUS [8]  processes per host: GPUs, or CPU processes on a machine without a GPU
 #   BATCH_SIZE [512]  PER_DEVICE_BATCH_SIZE [4]  global and per-process batch; accumulation = the ratio
-#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [34229]  several hosts
-#   OUTPUT_DIR (set by the launcher)   TORCHRUN, PYTHON: commands to use (default: .venv's, else PATH's)
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [a free port on one host, 34229 on several]
+#   OUTPUT_DIR (set by the launcher)   PYTHON [.venv's, else PATH's python3]   TORCHRUN [python -m internvl_chat.launch]
+#   TORCH_EXTENSIONS_DIR [.cache/torch_extensions in the repository]: DeepSpeed's ops, built on the first launch
 set -eu
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,15 +16,12 @@ PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-4}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-34229}
 : "${OUTPUT_DIR:?OUTPUT_DIR must be set by the launcher}"
 
 fail() { echo "launch_finetune: $*" >&2; exit 2; }
 
-if [ -x "$repo/.venv/bin/python" ]; then default_bin="$repo/.venv/bin/"; else default_bin=""; fi
-PYTHON=${PYTHON:-${default_bin}python3}
-TORCHRUN=${TORCHRUN:-${default_bin}torchrun}
-command -v "$TORCHRUN" >/dev/null 2>&1 || fail "torchrun not found ($TORCHRUN): run sh tools/setup_env.sh, or activate your environment"
+if [ -x "$repo/.venv/bin/python" ]; then PYTHON=${PYTHON:-$repo/.venv/bin/python3}; else PYTHON=${PYTHON:-python3}; fi
+command -v "$PYTHON" >/dev/null 2>&1 || fail "python not found ($PYTHON): run sh tools/setup_env.sh, or activate your environment"
 
 for name in GPUS BATCH_SIZE PER_DEVICE_BATCH_SIZE NNODES; do
     eval "value=\$$name"
@@ -34,9 +32,12 @@ per_step=$((PER_DEVICE_BATCH_SIZE * processes))
 [ $((BATCH_SIZE % per_step)) -eq 0 ] || fail "BATCH_SIZE=$BATCH_SIZE is not a multiple of PER_DEVICE_BATCH_SIZE x GPUS x NNODES = $per_step"
 GRADIENT_ACC=$((BATCH_SIZE / per_step))
 
-mkdir -p "$OUTPUT_DIR"
-log="$OUTPUT_DIR/training_log.txt"
-available=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}
+export TORCH_EXTENSIONS_DIR LAUNCHER=pytorch TF_CPP_MIN_LOG_LEVEL=3 TOKENIZERS_PARALLELISM=false
+
+. "$repo/shell/gpu_count.sh"
+available=$gpu_count
 if [ "$available" -gt 0 ]; then
     [ "$GPUS" -le "$available" ] || fail "GPUS=$GPUS but this machine has $available GPU(s); set GPUS=$available (and BATCH_SIZE to match if needed)"
     device_args=""
@@ -45,30 +46,47 @@ if [ "$available" -gt 0 ]; then
         TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed 's/\([0-9]\)a/\1/g')
         export TORCH_CUDA_ARCH_LIST
     fi
+    where="$GPUS GPU(s)"
 else
-    echo "[launch_finetune] no GPU found: training on the CPU with $GPUS process(es), gloo, fp32" | tee -a "$log"
     device_args="--use_cpu True --bf16 False"
     cores=$(nproc 2>/dev/null || echo 1)
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / GPUS > 0 ? cores / GPUS : 1 ))}
-    export OMP_NUM_THREADS
+    DS_ACCELERATOR=cpu  # what DeepSpeed would find itself, after a warning in every process
+    export OMP_NUM_THREADS DS_ACCELERATOR
+    where="the CPU (no GPU found): $GPUS process(es), gloo, fp32"
 fi
 
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-export LAUNCHER=pytorch TF_CPP_MIN_LOG_LEVEL=3 TOKENIZERS_PARALLELISM=false
-echo "[launch_finetune] $(date '+%F %T') GPUS=$GPUS NNODES=$NNODES BATCH_SIZE=$BATCH_SIZE PER_DEVICE_BATCH_SIZE=$PER_DEVICE_BATCH_SIZE GRADIENT_ACC=$GRADIENT_ACC OUTPUT_DIR=$OUTPUT_DIR" | tee -a "$log"
+# The model, the data and every flag, checked before torchrun starts (a second, not a model load per process).
+"$PYTHON" -m internvl_chat.train.preflight "$@" --output_dir "$OUTPUT_DIR" || exit $?
 
-# POSIX sh has no pipefail: the exit status of torchrun travels through a file past tee.
-status_file=$(mktemp)
-# shellcheck disable=SC2086  # device_args is a list of words
+mkdir -p "$OUTPUT_DIR"
+log="$OUTPUT_DIR/training_log.txt"
+echo "[launch_finetune] $(date '+%F %T') training on $where; BATCH_SIZE=$BATCH_SIZE = PER_DEVICE_BATCH_SIZE=$PER_DEVICE_BATCH_SIZE x $processes process(es) x GRADIENT_ACC=$GRADIENT_ACC; OUTPUT_DIR=$OUTPUT_DIR" | tee -a "$log"
+
+rendezvous="--nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR"
+if [ -n "${MASTER_PORT:-}" ]; then
+    rendezvous="$rendezvous --master_port=$MASTER_PORT"
+elif [ "$NNODES" -gt 1 ]; then
+    rendezvous="$rendezvous --master_port=34229"  # every host must name the same port
+fi  # one host and no MASTER_PORT: torchrun takes a free port itself
+
+# POSIX sh has no pipefail: the exit status travels through a file past tee.
+status_file="$OUTPUT_DIR/.launch_status"
+entry="$repo/internvl_chat/train/internvl_chat_finetune.py"
+# shellcheck disable=SC2086  # rendezvous and device_args are lists of words
+if [ -n "${TORCHRUN:-}" ]; then
+    set -- "$TORCHRUN" $rendezvous --nproc_per_node="$GPUS" "$entry" "$@"
+else
+    set -- "$PYTHON" -m internvl_chat.launch $rendezvous --nproc_per_node="$GPUS" "$entry" "$@"
+fi
+# shellcheck disable=SC2086
 { status=0
-  "$TORCHRUN" --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-      --nproc_per_node="$GPUS" --master_port="$MASTER_PORT" \
-      "$repo/internvl_chat/train/internvl_chat_finetune.py" "$@" \
-      --output_dir "$OUTPUT_DIR" \
+  "$@" --output_dir "$OUTPUT_DIR" \
       --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" \
       --gradient_accumulation_steps "$GRADIENT_ACC" \
       $device_args || status=$?
   echo "$status" > "$status_file"; } 2>&1 | tee -a "$log"
 status=$(cat "$status_file")
 rm -f "$status_file"
+[ "$status" -eq 0 ] || echo "launch_finetune: training stopped (exit status $status); the log is $log" | tee -a "$log" >&2
 exit "$status"

@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules. Everything a test reads is in this repository: the reference facts under
 tests/fixtures/ (see its README), the rest built here (tiny checkpoints, tokenizers, a synthetic COCO)."""
 
-import socket
+import os
 import sys
 from pathlib import Path
 
@@ -15,11 +15,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def free_port() -> int:
-    """A TCP port the OS reports free (bound to port 0), for torchrun's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture(scope="session", autouse=True)
+def caches_in_the_test_folders(tmp_path_factory):
+    """What the tests' processes cache (transformers' copies of remote code, matplotlib's fonts) goes to the
+    session's temporary folder, not the home folder. DeepSpeed's built ops go where the launchers put them, the
+    repository's .cache/, as a build cache beside .venv/."""
+    root = tmp_path_factory.mktemp("caches")
+    saved = {name: os.environ.get(name) for name in ("HF_MODULES_CACHE", "MPLCONFIGDIR")}
+    os.environ["HF_MODULES_CACHE"] = str(root / "hf_modules")
+    os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from internvl_chat.data.collator import concat_pad_data_collator
-from internvl_chat.data.dataset import MetaError, build_datasets, load_meta
+from internvl_chat.data.dataset import build_datasets
+from internvl_chat.data.meta import MetaError, load_meta
 from internvl_chat.data.preprocess import IGNORE_INDEX, ConversationTokenizer, SampleError
 from internvl_chat.data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler, length_grouped_indices
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
@@ -119,23 +120,38 @@ def test_meta_options(tokenizer, coco):
 
 
 def test_bad_lines_are_skipped_and_reported_or_fatal_in_strict_mode(tokenizer, coco, caplog):
+    """Lines bad on their face are screened out when the dataset is built, with one summary naming their line
+    numbers; strict mode stops there. A line found bad only when loading (an image that does not decode) is
+    skipped for the next one and reported once, however often it is drawn."""
     folder, annotation = coco
     lines = annotation.read_text().splitlines()
     lines.insert(1, "{this is not json")
     lines.insert(2, line("train2014/missing.jpg", "nothing."))
+    lines.insert(3, json.dumps({"image": "train2014/a.jpg"}))
     annotation.write_text("\n".join(lines) + "\n")
-    dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer))
     with caplog.at_level(logging.WARNING):
-        item = dataset[1]
-    assert item["pixel_values"].shape[0] == 7  # fell through to line 4 (a.jpg again)
-    assert f"{annotation}:2: not valid JSON" in caplog.text
-    assert f"{annotation}:3: image not found" in caplog.text
-    assert dataset.datasets[0].skipped == 2
-    strict = datasets_of(write_meta(folder, annotation), encoder(tokenizer), strict=True)
-    with pytest.raises(SampleError, match=f"{annotation}:2: not valid JSON"):
-        strict[1]
-    with pytest.raises(SampleError, match="missing.jpg"):
-        strict[2]
+        dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer))
+    assert len(dataset) == 6 and dataset.datasets[0].skipped == 3
+    summaries = [record.getMessage() for record in caplog.records if "cannot be used" in record.getMessage()]
+    assert len(summaries) == 1
+    assert (
+        f"{annotation}: 3 of 9 lines cannot be used: line 2 (not valid JSON: Expecting property name enclosed "
+        "in double quotes), line 3 (image train2014/missing.jpg not found under"
+    ) in summaries[0]
+    assert "line 4 (not a JSON object with a 'conversations' list)" in summaries[0]
+    with pytest.raises(SampleError, match=r"3 of 9 lines cannot be used: line 2 .*leave out --strict_data"):
+        datasets_of(write_meta(folder, annotation), encoder(tokenizer), strict=True)
+
+    (folder / "train2014" / "c.jpg").write_bytes(b"not a jpeg")  # present, but does not decode
+    dataset = datasets_of(write_meta(folder, annotation), encoder(tokenizer))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # as three epochs would
+            item = dataset[3]
+    assert item["image_flags"].tolist() == [0]  # fell through to the next line, the text-only one
+    reports = [record.getMessage() for record in caplog.records]
+    assert len(reports) == 1 and f"{annotation}:7: cannot read image" in reports[0], reports
+    assert dataset.datasets[0].skipped == 3 + 1
 
 
 def test_meta_errors(tokenizer, coco, tmp_path):
@@ -239,11 +255,12 @@ def test_grouped_loading_opens_each_picture_once_and_gives_the_same_batches(toke
     folder, annotation = coco
     lines = annotation.read_text().splitlines()
     lines += [
-        line("train2014/missing.jpg", "nothing."),
-        line("train2014/missing.jpg", "nothing at all."),
+        line("train2014/broken.jpg", "nothing."),
+        line("train2014/broken.jpg", "nothing at all."),
         line("train2014/b.jpg", "blue again."),
     ]
     annotation.write_text("\n".join(lines) + "\n")
+    (folder / "train2014" / "broken.jpg").write_bytes(b"not a jpeg")  # present, but does not decode
     dataset = datasets_of(write_meta(folder, annotation, data_augment=augment), encoder(tokenizer))
     opened = []
     real_open = dataset_module.open_image
@@ -261,9 +278,9 @@ def test_grouped_loading_opens_each_picture_once_and_gives_the_same_batches(toke
     for a, b in zip(plain, once):
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     # Item by item: a.jpg for its 2 captions and the pair; b.jpg for its 2 captions, the pair and the 2 captions of
-    # missing.jpg, each skipped to the next line (7, then 8) until b.jpg's second caption.
+    # broken.jpg, each skipped to the next line (7, then 8) until b.jpg's second caption.
     counts = {name: plain_opened.count(name) for name in set(plain_opened)}
-    assert counts == {"a.jpg": 3, "b.jpg": 5, "c.jpg": 1, "missing.jpg": 3}
-    # Once per picture: a.jpg and b.jpg once less; missing.jpg one try more (the group's own) before the fallback.
+    assert counts == {"a.jpg": 3, "b.jpg": 5, "c.jpg": 1, "broken.jpg": 3}
+    # Once per picture: a.jpg and b.jpg once less; broken.jpg one try more (the group's own) before the fallback.
     counts = {name: once_opened.count(name) for name in set(once_opened)}
-    assert counts == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 1, "missing.jpg": 4}
+    assert counts == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 1, "broken.jpg": 4}

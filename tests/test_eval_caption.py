@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from internvl_chat.eval.scoring import ScoringError, score_captions
 from internvl_chat.synthetic.checkpoint import build_checkpoint
@@ -28,7 +27,9 @@ def world(tmp_path_factory):
 
 def evaluate(world, gpus, *options):
     out = world / f"results_gpus{gpus}_{'_'.join(o.strip('-') for o in options)}"
-    env = dict(os.environ, GPUS=str(gpus), MASTER_PORT=str(free_port()))
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "GPUS")}  # a free port
+    if gpus is not None:
+        env["GPUS"] = str(gpus)
     result = subprocess.run(
         [
             "sh",
@@ -54,8 +55,9 @@ def evaluate(world, gpus, *options):
 
 @pytest.fixture(scope="module")
 def one_by_one(world):
-    """The original's path: chat() one image at a time through generate()."""
-    return evaluate(world, 1, "--engine", "hf", "--batch-size", "1")
+    """The original's path: chat() one image at a time through generate(). No GPUS: on a machine without a GPU
+    that is one process."""
+    return evaluate(world, None, "--engine", "hf", "--batch-size", "1")
 
 
 def test_metric_block_and_files(world, one_by_one):
@@ -68,6 +70,7 @@ def test_metric_block_and_files(world, one_by_one):
     for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert f"{name}: " in stdout
     assert "average caption length" in stdout
+    assert "captioning on the CPU with 1 process(es)" in stdout and "1 process(es), hf engine" in stdout
     summary = (out / "pretrained_InternVL2-tiny.txt").read_text().splitlines()
     checkpoint, dataset, _, metrics = json.loads(summary[-1])
     assert (checkpoint, dataset) == ("pretrained/InternVL2-tiny", "coco") and "CIDEr" in metrics
@@ -178,3 +181,63 @@ def test_batches_are_split_into_chunks_for_the_workers():
     chunks = split_into_chunks([list(range(10)), [10, 11]], parts=4)
     assert chunks == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]], [[10], [11]]]
     assert split_into_chunks([[1, 2, 3]], parts=0) == [[[1, 2, 3]]]
+
+
+def test_caption_report_compares_runs_picture_by_picture(world, one_by_one, tmp_path):
+    """tools/caption_report.py (the command evaluate.sh prints): the page shows every picture (a small copy beside
+    it), its references, each run's caption with its CIDEr, and the gain; the metric table as Markdown and PNG."""
+    import re
+    from html.parser import HTMLParser
+
+    results, stdout, out = one_by_one
+    first = next(out.glob("coco_*.json"))
+    assert f"a page of the captions: python tools/caption_report.py {first} --set coco" in stdout
+    # a second run that captions every picture with its first reference: CIDEr must rise
+    references = {
+        e["image_id"]: e["caption"]
+        for e in json.loads((world / "data/coco/annotations/coco_karpathy_test_gt.json").read_text())["annotations"]
+    }
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps([{"image_id": r["image_id"], "caption": references[r["image_id"]]} for r in results]))
+    report = tmp_path / "report"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/caption_report.py"),
+            str(first),
+            str(perfect),
+            "--names",
+            "model,references",
+            "--out",
+            str(report),
+        ],
+        cwd=world,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (report / "metrics.md").read_text()
+    assert table.startswith("| metric | model | references | change |") and "| CIDEr |" in table
+    assert (report / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.rows = [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            if tag == "tr" and "data-gain" in attrs:
+                self.rows.append(attrs)
+
+    page = Page()
+    text = (report / "index.html").read_text()
+    page.feed(text)
+    assert len(page.rows) == len(results) == 9
+    assert all(float(row["data-gain"]) >= 0 for row in page.rows)  # the references score at least as well
+    assert all((report / src).is_file() for src in page.images) and len(page.images) == 9 + 1  # + the chart
+    assert "These pictures are synthetic" in text and "drawn:" in text
+    assert len(re.findall(r"CIDEr \d", text)) == 2 * 9  # each run's caption of each picture, with its score

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 from safetensors.torch import load_file
 
 from internvl_chat.synthetic.checkpoint import build_checkpoint
@@ -47,15 +46,14 @@ def world(tmp_path_factory):
 def launch(world, name, gpus, steps, save_steps, *extra, background=False):
     root, model = world
     env = dict(
-        os.environ,
+        {key: value for key, value in os.environ.items() if key != "MASTER_PORT"},
         GPUS=str(gpus),
         BATCH_SIZE="8",
         PER_DEVICE_BATCH_SIZE="2",
         MODEL=str(model),
         META_PATH=str(root / "meta.json"),
         OUTPUT_DIR=str(root / name),
-        MASTER_PORT=str(free_port()),
-    )
+    )  # no MASTER_PORT: torchrun takes a free port itself
     command = ["sh", str(LAUNCHER), *FAST, "--max_steps", str(steps), "--save_steps", str(save_steps), *extra]
     if background:
         return subprocess.Popen(
@@ -91,13 +89,24 @@ def test_two_processes_train_with_deepspeed_zero1(two_process_run):
         "Gradient Accumulation steps = 2",
         "Total train batch size (w. parallel, distributed & accumulation) = 8",
         "trainable params:",
-        "samples_per_second",
-        "python_gc_ms",
         "no GPU found",
-        "DeepSpeed's throughput timer without GPU synchronization",
-        "Python's garbage collector: the",
+        "step 6/6 (100%) | loss ",
+        "MFU is not logged: no peak FLOP rate is known for a CPU",
+        "***** train metrics *****",
     ):
         assert line in log, line
+    assert log.count("trainable params:") == 1  # the main process's; the other is quiet
+    for noise in (
+        "time (ms)",
+        "'loss':",
+        "Traceback",
+        "built successfully",
+        "Setting accelerator to CPU",
+        "Gradient accumulation steps mismatch",
+    ):
+        assert noise not in log, noise
+    step_lines = [line for line in log.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 6 and all("captions/s" in line and "ETA" in line for line in step_lines)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]  # save_total_limit 1
     events = list((run / "runs").rglob("events.out.tfevents.*"))
     assert events
@@ -163,14 +172,13 @@ def test_a_killed_run_resumes_to_the_same_adapter(world):
 def test_full_fine_tuning_launcher_trains_llm_and_projector(world):
     root, model = world
     env = dict(
-        os.environ,
+        {key: value for key, value in os.environ.items() if key != "MASTER_PORT"},
         GPUS="1",
         BATCH_SIZE="4",
         PER_DEVICE_BATCH_SIZE="2",
         MODEL=str(model),
         META_PATH=str(root / "meta.json"),
         OUTPUT_DIR=str(root / "full"),
-        MASTER_PORT=str(free_port()),
     )
     launcher = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh"
     result = subprocess.run(
@@ -205,16 +213,13 @@ def test_the_grouped_mode_trains_through_the_launcher(world):
         "True",
         "--supervised_logits_only",
         "True",
-        "--compile_blocks",
-        "True",
         "--profile_steps",
         "2,3",
     )
     log = (run / "training_log.txt").read_text()
-    profile = (run / "profile_steps_2-3.txt").read_text()  # steps after the first, which compiles
+    profile = (run / "profile_steps_2-3.txt").read_text()
     assert "optimizer steps 2-3" in profile and "ms wall per step over 2 step(s)" in profile
     assert "aten::mm" in profile and "Profile of steps 2-3 written to" in log
-    assert "torch.compile: 4 transformer blocks" in log
     assert "Grouped by image: 8 pictures, 40 captions" in log
     assert "Batches: grouped by image, supervised logits only; the LLM's attention: prefix_split" in log
     curve = losses(run)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from internvl_chat.eval.caption_data import CAPTION_SETS, read_entries  # noqa: E402
+from internvl_chat.eval.caption_sets import CAPTION_SETS, read_entries  # noqa: E402
 from internvl_chat.eval.evaluate_caption import generate_captions  # noqa: E402
 from internvl_chat.eval.fast_captioner import fast_engine_attention  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402

@@ -19,18 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from transformers import GenerationConfig  # noqa: E402
-
-from internvl_chat.model.loader import CheckpointError, check_checkpoint_folder, load_tokenizer  # noqa: E402
-from internvl_chat.model.modeling_internvl_chat import InternVLChatModel  # noqa: E402
+# torch and the model are imported once the inputs pass their checks: a refusal takes a fraction of a second
+from internvl_chat.model.checkpoint_folder import CheckpointError, check_checkpoint_folder  # noqa: E402
 
 
 class MergeError(ValueError):
     pass
 
 
-def checkpoint_dtype(config: dict) -> torch.dtype:
+def checkpoint_dtype(config: dict):
+    import torch
+
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     return getattr(torch, name)
 
@@ -80,6 +79,12 @@ def silence_deepspeed_accelerator_notice() -> None:
 
 def merge(input_path: Path, output_path: Path, force: bool = False) -> None:
     config = check_inputs(input_path, output_path, force)
+    import torch
+    from transformers import GenerationConfig
+
+    from internvl_chat.model.loader import load_tokenizer
+    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+
     silence_deepspeed_accelerator_notice()
     dtype = checkpoint_dtype(config)
     print("Loading model...", flush=True)
@@ -87,10 +92,10 @@ def merge(input_path: Path, output_path: Path, force: bool = False) -> None:
     print("Loading tokenizer...", flush=True)
     tokenizer = load_tokenizer(input_path)
     if model.config.use_backbone_lora:
-        model.vision_model = model.vision_model.merge_and_unload()
+        model.vision_model = model.vision_model.merge_and_unload(progressbar=True)
         model.config.use_backbone_lora = 0
     if model.config.use_llm_lora:
-        model.language_model = model.language_model.merge_and_unload()
+        model.language_model = model.language_model.merge_and_unload(progressbar=True)
         model.config.use_llm_lora = 0
     model.language_model.config.use_cache = True  # training turns the KV cache off; inference wants it
     model = model.to(dtype)

@@ -167,6 +167,7 @@ fetch() {
 
 # unpack ZIP DIR: unzip into DIR (python's zipfile when unzip is missing).
 unpack() {
+    log "unpacking $1 into $2 (the image archives take minutes; no progress is shown meanwhile)"
     if command -v unzip >/dev/null 2>&1; then
         unzip -q -o "$1" -d "$2"
     else

@@ -25,9 +25,6 @@ def main() -> None:
     parser.add_argument("--spice", action="store_true", help="also SPICE (needs Stanford CoreNLP)")
     parser.add_argument("--json", metavar="PATH", help="also write the metrics here")
     args = parser.parse_args()
-    for path in (args.results, args.gt):
-        if not Path(path).is_file():
-            parser.error(f"{path} does not exist")
     try:
         metrics = score_captions(args.results, args.gt, spice=args.spice)
     except ScoringError as error:

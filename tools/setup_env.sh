@@ -2,7 +2,7 @@
 # Creates (or updates) the project's virtual environment in .venv.
 #   - a machine whose python3 already has a CUDA torch keeps it (venv with system site packages);
 #   - otherwise torch is installed first, alone, so that requirements.txt never pulls a CUDA build.
-# Idempotent: a second run with unchanged requirements.txt takes about a second.
+# Idempotent: with nothing to install it returns in a fraction of a second, printing nothing.
 set -eu
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"; then
     echo "[setup] installing $TORCH_SPEC"
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
@@ -30,5 +30,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing requirements.txt"
     "$VENV/bin/python" -m pip install -q -r requirements.txt
     echo "$want" > "$stamp"
+    "$VENV/bin/python" -c "from importlib.metadata import version; print('[setup]', ' | '.join(name + ' ' + version(name) for name in ('torch', 'transformers', 'peft', 'deepspeed')))"
 fi
-"$VENV/bin/python" -c "import torch, transformers, peft; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

@@ -1,9 +1,11 @@
 """Datasets of InternVL chat jsonl files, built from a meta file (shell/data/coco_caption.json format).
 
 An item is one jsonl line: the image(s) tiled and transformed, the conversation tokenized with the label mask.
-A bad line (unparsable JSON, missing or unreadable image, malformed conversation, too long) is reported with
-its file and line number; in strict mode it stops the run, otherwise it is skipped (the next line is used
-instead) and counted, so one broken file among half a million does not kill a multi-hour job.
+A bad line is reported with its file and line number; in strict mode it stops the run, otherwise it is skipped
+and counted, so that one broken line among half a million does not kill a multi-hour job. Lines that are bad on
+their face (unparsable JSON, no conversation, a missing image) are screened out once, when the dataset is built
+(data/meta.py), with one summary; those found only when loading (an image that does not decode, a malformed
+conversation, a sample too long) are skipped then, the next line taken instead, each reported once.
 """
 
 import bisect
@@ -20,22 +22,13 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..model.conversation import IMAGE_PLACEHOLDER
+from .meta import MetaError, load_meta, screen_annotation
 from .preprocess import ConversationTokenizer, SampleError
 from .transforms import ImageError, TileTransform, image_to_pixel_values, open_image
 
 logger = logging.getLogger(__name__)
 TEXT_ONLY_IMAGE_SIZE = 224  # the white dummy image of text-only samples
 MAX_SKIPS_IN_A_ROW = 20
-
-
-class MetaError(ValueError):
-    """A meta file or one of its entries that cannot be used."""
-
-
-def read_jsonl_records(path: Path) -> list[tuple[int, bytes]]:
-    """(1-based line number, raw line) for every non-empty line."""
-    with open(path, "rb") as handle:
-        return [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
 
 
 def apply_repeat_time(records: list, repeat_time: float) -> list:
@@ -64,6 +57,7 @@ class SupervisedDataset(Dataset):
         repeat_time: float = 1,
         seed: int = 42,
         strict: bool = False,
+        show_progress: bool = False,
     ):
         self.name = name
         self.root = Path(root)
@@ -76,8 +70,14 @@ class SupervisedDataset(Dataset):
         self.transform = TileTransform(image_size, normalize_type, augment=data_augment)
         self.seed = seed
         self.strict = strict
-        self.skipped = 0
-        self.records = apply_repeat_time(read_jsonl_records(self.annotation), repeat_time)
+        self.reported: set[int] = set()  # line numbers this process has reported while loading
+        screened = screen_annotation(self.annotation, self.root, show_progress)
+        if screened.problems:
+            if strict:
+                raise SampleError(screened.summary() + "; fix them, or leave out --strict_data to skip them")
+            logger.warning("%s; they are skipped", screened.summary())
+        self.skipped = len(screened.problems)
+        self.records = apply_repeat_time(screened.records, repeat_time)
         logger.info("dataset %s: %d samples from %s", name, len(self.records), self.annotation)
 
     def __len__(self) -> int:
@@ -130,8 +130,11 @@ class SupervisedDataset(Dataset):
                 message = f"{self.where(index)}: {error}"
                 if self.strict:
                     raise SampleError(message) from error
-                self.skipped += 1
-                logger.warning("skipping %s (%d skipped so far in this worker)", message, self.skipped)
+                line = self.records[index][0]
+                if line not in self.reported:  # each bad line once, not again every epoch
+                    self.reported.add(line)
+                    self.skipped += 1
+                    logger.warning("skipping %s (%d lines skipped in this process)", message, self.skipped)
                 index = (index + 1) % len(self)
         raise SampleError(
             f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
@@ -254,38 +257,6 @@ def image_groups(dataset: ConcatDataset) -> list[list[int]]:
         groups += [[offset + index for index in group] for group in part.image_groups()]
         offset += len(part)
     return groups
-
-
-def load_meta(meta_path: str | Path, data_root: str | Path | None = None) -> dict:
-    """The meta file's entries, their relative root and annotation paths resolved against data_root (default: the
-    current folder), each checked to exist."""
-    meta_path = Path(meta_path)
-    if not meta_path.is_file():
-        raise MetaError(f"meta file {meta_path} does not exist")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
-        raise MetaError(f"meta file {meta_path} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or not meta:
-        raise MetaError(f"meta file {meta_path} must map dataset names to {{root, annotation, ...}}")
-    base = Path(data_root) if data_root else Path()
-    for name, entry in meta.items():
-        if not isinstance(entry, dict):
-            raise MetaError(f"{meta_path}: dataset {name!r} must be an object with 'root' and 'annotation'")
-        for key in ("root", "annotation"):
-            if key not in entry:
-                raise MetaError(f"{meta_path}: dataset {name!r} has no {key!r}")
-            entry[key] = str(base / entry[key])  # an absolute path stays as it is
-        if not str(entry["annotation"]).endswith(".jsonl"):
-            raise MetaError(f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} must be a .jsonl file")
-        if not Path(entry["annotation"]).is_file():
-            raise MetaError(
-                f"{meta_path}: dataset {name!r}: annotation {entry['annotation']} does not exist "
-                f"(run tools/prepare_coco.sh, or tools/make_synthetic_coco.py for a synthetic set)"
-            )
-        if not Path(entry["root"]).is_dir():
-            raise MetaError(f"{meta_path}: dataset {name!r}: image root {entry['root']} does not exist")
-    return meta
 
 
 def build_datasets(

@@ -1,86 +1,10 @@
-"""Caption evaluation sets: where they live, how an entry becomes tiles, and contiguous sharding over ranks."""
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
+"""Caption evaluation data: how a test picture becomes tiles, batches of one tile count, contiguous sharding over
+ranks. Where the sets live is eval/caption_sets.py."""
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data.transforms import TileTransform, dynamic_preprocess, open_image
-from ..data.validate import image_id_from_name
-
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-
-
-@dataclass(frozen=True)
-class CaptionSet:
-    root: str
-    annotation: str  # list of {image, caption}, or a COCO-format json (nocaps)
-    ground_truth: str | None  # COCO-format gt; None: built from the annotation's captions
-    max_new_tokens: int = 30
-    min_new_tokens: int = 8
-
-
-CAPTION_SETS = {
-    "coco": CaptionSet(
-        "data/coco/",
-        "data/coco/annotations/coco_karpathy_test.json",
-        "data/coco/annotations/coco_karpathy_test_gt.json",
-    ),
-    "flickr30k": CaptionSet("data/flickr30k/", "data/flickr30k/test_karpathy.json", None),
-    "nocaps": CaptionSet(
-        "data/nocaps/images/", "data/nocaps/nocaps_val_4500_captions.json", "data/nocaps/nocaps_val_4500_captions.json"
-    ),
-}
-
-
-def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple[list[dict], Path]:
-    """[{image (path), image_id}] in file order, and the ground-truth json (written next to the results for
-    sets without one)."""
-    base = Path(data_root) if data_root else Path(".")
-    annotation = base / caption_set.annotation
-    if not annotation.is_file():
-        raise FileNotFoundError(
-            f"{annotation} does not exist: run tools/prepare_coco.sh (or "
-            f"tools/make_synthetic_coco.py) first, or pass --data-root"
-        )
-    data = json.loads(annotation.read_text())
-    root = base / caption_set.root
-    if isinstance(data, dict) and "images" in data:  # COCO format
-        entries = [{"image": str(root / image["file_name"]), "image_id": int(image["id"])} for image in data["images"]]
-        return entries, annotation
-    entries = [
-        {
-            "image": str(root / item["image"]),
-            "image_id": image_id_from_name(item["image"]),
-            "captions": item.get("caption"),
-        }
-        for item in data
-    ]
-    if caption_set.ground_truth is not None:
-        return entries, base / caption_set.ground_truth
-    return entries, None
-
-
-def ground_truth_from_entries(entries: list[dict], path: Path) -> Path:
-    """A COCO-format gt file built from the annotation's reference captions."""
-    annotations = [
-        {"image_id": e["image_id"], "caption": caption, "id": index}
-        for index, (e, caption) in enumerate((e, c) for e in entries for c in e["captions"])
-    ]
-    path.write_text(
-        json.dumps(
-            {
-                "info": {},
-                "licenses": [],
-                "type": "captions",
-                "images": [{"id": e["image_id"]} for e in entries],
-                "annotations": annotations,
-            }
-        )
-    )
-    return path
 
 
 class CaptionImages(Dataset):

@@ -8,7 +8,6 @@ gathers the captions in dataset order, writes results/<set>_<time>.json, scores 
 and appends a line to results/<checkpoint>.txt. Plain and unmerged-LoRA checkpoints load alike.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,94 +21,27 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from internvl_chat.eval.caption_data import (  # noqa: E402  # noqa: E402
-    CAPTION_PROMPT,
-    CAPTION_SETS,
+from internvl_chat.data.transforms import ImageError  # noqa: E402
+from internvl_chat.eval.caption_data import (  # noqa: E402
     CaptionImages,
     ContiguousShardSampler,
     TileGroupedBatches,
     collate_images,
-    ground_truth_from_entries,
-    read_entries,
     single_threaded_worker,
     split_into_chunks,
     tile_counts,
 )
+from internvl_chat.eval.caption_sets import (  # noqa: E402
+    CAPTION_PROMPT,
+    CAPTION_SETS,
+    ground_truth_from_entries,
+    read_entries,
+)
 from internvl_chat.eval.fast_captioner import FastCaptioner, fast_engine_attention, supports_fast_path  # noqa: E402
-from internvl_chat.eval.scoring import ScoringError, require_java, score_captions  # noqa: E402
+from internvl_chat.eval.inputs import INPUT_ERRORS, check_inputs, parse_args, user_error_line  # noqa: E402
+from internvl_chat.eval.scoring import score_captions  # noqa: E402
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig  # noqa: E402
-from internvl_chat.model.loader import check_checkpoint_folder, load_model, load_tokenizer  # noqa: E402
-
-# The original evaluation tiles with its --max-num (6), not the checkpoint's max_dynamic_patch.
-EVAL_MAX_DYNAMIC_PATCH = 6
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="InternVL2 checkpoint folder (plain or LoRA output)")
-    parser.add_argument(
-        "--datasets", default="coco,flickr30k,nocaps", help="comma-separated: " + ",".join(CAPTION_SETS)
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per batch on each rank (default: 32 with the fast engine, 1 with hf)",
-    )
-    parser.add_argument(
-        "--engine",
-        choices=["auto", "fast", "hf"],
-        default="auto",
-        help="fast: batched prefill + lean greedy decoding over a static KV cache (InternLM2 "
-        "models, greedy); hf: the original's chat()/batch_chat() with generate(); "
-        "auto: fast where it applies",
-    )
-    parser.add_argument("--num-workers", type=int, default=1, help="data-loading processes per rank")
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--out-dir", default="results")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dynamic", action="store_true", help="dynamic-resolution tiles (use it: the tutorial does)")
-    parser.add_argument(
-        "--max-dynamic-patch",
-        "--max-num",
-        dest="max_dynamic_patch",
-        type=int,
-        default=EVAL_MAX_DYNAMIC_PATCH,
-        help="most tiles per image, thumbnail excluded (default 6, the original evaluation's "
-        "--max-num: the tutorial's numbers were measured so, whatever the checkpoint's "
-        "max_dynamic_patch, which is 12 in the stock InternVL2 configs)",
-    )
-    parser.add_argument("--auto", action="store_true", help="one process, the model split over all GPUs")
-    parser.add_argument("--data-root", default=None, help="folder holding data/ (default: the current folder)")
-    parser.add_argument("--spice", action="store_true", help="also SPICE (needs Stanford CoreNLP; online once)")
-    parser.add_argument("--skip-scoring", action="store_true", help="only write the results json")
-    parser.add_argument(
-        "--attn-implementation",
-        default=None,
-        help="eager | sdpa | flash_attention_2 (default: flash_attention_2 when flash-attn imports, "
-        "else sdpa); eager is the reference maths, for the fast engine too",
-    )
-    parser.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="fast engine: launch each decoding step's kernels from Python instead of replaying a "
-        "recorded CUDA graph (for debugging)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        default=None,
-        help="default: bfloat16 on GPU, float32 on CPU",
-    )
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.datasets.split(",") if name not in CAPTION_SETS]
-    if unknown:
-        parser.error(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_SETS)}")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    return args
+from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -209,7 +141,15 @@ def generate_captions(args, caption_set, entries, model, tokenizer, rank, world_
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    progress = tqdm(total=len(sampler), desc=f"captions rank {rank}", unit="img", disable=rank != 0, dynamic_ncols=True)
+    # into a log file (not a terminal) a line every 30 s, not one a batch
+    progress = tqdm(
+        total=len(sampler),
+        desc=f"captions rank {rank}",
+        unit="img",
+        disable=rank != 0,
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 30,
+    )
     waited = 0.0
 
     def device_batches():
@@ -283,27 +223,19 @@ def evaluate_set(name, args, model, tokenizer, rank, world_size, device):
         handle.write(json.dumps([args.checkpoint, name, average_length, metrics]) + "\n")
     print([args.checkpoint, name, average_length, metrics])
     print(f"summary appended to {summary}")
+    data_root = f" --data-root {args.data_root}" if args.data_root else ""
+    print(
+        f"a page of the captions: python tools/caption_report.py {results_file} --set {name}{data_root} "
+        "(more results files, e.g. before and after fine-tuning, to compare them)"
+    )
     return metrics
 
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, device = init_distributed()
-    if not args.skip_scoring and rank == 0:
-        try:
-            require_java()  # before hours of generation, not after
-        except ScoringError as error:
-            raise SystemExit(f"evaluate_caption: {error}") from None
-    for name in args.datasets.split(","):  # missing data is found before the model is loaded
-        try:
-            read_entries(CAPTION_SETS[name], args.data_root)
-        except FileNotFoundError as error:
-            raise SystemExit(f"evaluate_caption: {error}") from None
-    try:
-        config = InternVLChatConfig.from_pretrained(check_checkpoint_folder(args.checkpoint))
-    except ValueError as error:
-        raise SystemExit(f"evaluate_caption: {error}") from None
-    choose_engine(args, config)
+    check_inputs(args, rank)
+    choose_engine(args, InternVLChatConfig.from_pretrained(args.checkpoint))
     torch.manual_seed(args.seed)
     model, tokenizer = load(args, device)
     num_params = sum(p.numel() for p in model.parameters())
@@ -322,4 +254,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (*INPUT_ERRORS, ImageError) as error:  # a picture that does not decode, found while captioning
+        rank = os.environ.get("RANK")
+        print(f"evaluate_caption{f' (process {rank})' if rank else ''}: {user_error_line(error)}", file=sys.stderr)
+        sys.exit(2)

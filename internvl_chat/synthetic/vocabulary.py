@@ -4,7 +4,7 @@ The synthetic caption generator draws scenes from these lists, and the tiny toke
 built from them, so every caption word is a short token sequence for the tiny model.
 """
 
-from ..eval.caption_data import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
+from ..eval.caption_sets import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
 
 # name -> RGB; far enough apart that a frozen random ViT still separates them.
 COLORS = {

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
 from ..data.dataset import ImageGroupedDataset
 from .batch_layout import COUNTS_KEY, BatchLayout
 from .flops import FlopModel
+from .run_logging import StepLine
 
 logger = logging.getLogger("internvl_chat.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -69,7 +70,7 @@ class FreezeObjectsAfterCompiling(TrainerCallback):
         if self.steps == self.after_steps:
             gc.collect()
             gc.freeze()
-            logger.info(
+            logger.debug(
                 "Python's garbage collector: the %d objects alive after the first %d steps frozen (gc.freeze)",
                 gc.get_freeze_count(),
                 self.after_steps,
@@ -115,9 +116,14 @@ class InternVLTrainer(Trainer):
         lengths: list[int] | None = None,
         flop_model: FlopModel | None = None,
         peak_tflops: float | None = None,
+        verbose: bool = False,
         **kwargs,
     ):
+        self.verbose = verbose  # read by create_accelerator_and_postprocess, which the base __init__ calls
         super().__init__(*args, **kwargs)
+        if self.args.disable_tqdm:  # one line a logging step instead of transformers' printed dict
+            self.remove_callback(PrinterCallback)
+            self.add_callback(StepLine())
         self.layout = layout or BatchLayout()
         # the launcher loads the model in bf16 / fp16 with --bf16 / --fp16 (train/model_setup.py)
         float_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
@@ -148,12 +154,10 @@ class InternVLTrainer(Trainer):
             # micro-step, each draining the GPU's queue) to report samples/s every steps_per_print steps; this
             # Trainer logs throughput itself. A config that sets the timer's own values keeps them.
             timer = deepspeed_config.config.setdefault("timers", {}).setdefault("throughput", {})
-            if "synchronized" not in timer:
-                timer["synchronized"] = False
-                logger.info(
-                    "DeepSpeed's throughput timer without GPU synchronization (timers.throughput."
-                    "synchronized false): a host wait less at every micro-step's forward and step"
-                )
+            timer.setdefault("synchronized", False)
+            if not self.verbose:
+                # the original configs ask for DeepSpeed's wall-clock breakdown: several lines every step
+                deepspeed_config.config["wall_clock_breakdown"] = False
         super().create_accelerator_and_postprocess()
 
     def train(self, *args, **kwargs):

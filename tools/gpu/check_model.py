@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from internvl_chat.eval.caption_data import CAPTION_PROMPT  # noqa: E402
+from internvl_chat.eval.caption_sets import CAPTION_PROMPT  # noqa: E402
 from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 
