@@ -378,3 +378,81 @@ def test_padding_positions_continue_the_sequence():
     positions = torch.tensor([[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5]])
     keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
     assert positions_through_padding(positions, keep).tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("supervised_logits_only", [False, True])
+def test_a_grouped_step_has_the_tutorials_gradient_on_the_same_captions(
+    model, training_dataset, supervised_logits_only
+):
+    """The tutorial's step is the mean over its micro-batches (PER_DEVICE_BATCH_SIZE captions each) of their
+    token-mean losses. A grouped step holds the same captions in other micro-batches (whole pictures); with
+    caption_weights it has the same loss and the same LoRA gradients as the tutorial's micro-batches made of its
+    captions cut, in order, into runs of the per-device batch; a step of fewer captions is still a mean over them."""
+    from internvl_chat.train.batch_layout import WEIGHTS_KEY, caption_weights
+
+    groups = training_dataset.datasets[0].image_groups()
+    pictures = [[training_dataset[i] for i in group] for group in groups[:3]]  # 15 captions
+    per_device, accumulation = 5, 3  # the tutorial's step on this rank: 3 micro-batches of 5 captions
+    captions = [item for picture in pictures for item in picture]
+    model.zero_grad()
+    tutorial_micro_batches = [captions[start : start + per_device] for start in range(0, len(captions), per_device)]
+    assert len(tutorial_micro_batches) == accumulation
+    tutorial_loss = 0.0
+    for items in tutorial_micro_batches:  # the faithful path: full logits, each micro-batch's token mean
+        loss = model(**concat_pad_data_collator(items)).loss / accumulation
+        loss.backward()
+        tutorial_loss += loss.detach()
+    tutorial = (tutorial_loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    layout = BatchLayout(
+        group_by_image=True,
+        supervised_logits_only=supervised_logits_only,
+        requested_attention="sdpa",
+        per_device_captions=per_device,
+        accumulation=accumulation,
+    )
+    collate = layout.collator()
+    grouped_micro_batches = [collate(pictures[0] + pictures[1]), collate(pictures[2])]  # another cut: 10 + 5
+    weights = caption_weights(grouped_micro_batches, per_device, step_captions=15)
+    for batch, batch_weights in zip(grouped_micro_batches, weights):
+        batch[WEIGHTS_KEY] = batch_weights
+    model.zero_grad()
+    grouped_loss = 0.0
+    for batch in grouped_micro_batches:
+        loss = model(**layout.model_inputs(batch)).loss / len(grouped_micro_batches)
+        loss.backward()
+        grouped_loss += loss.detach()
+    grouped = (grouped_loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert_same(tutorial, grouped, loss_rtol=1e-5, rtol=1e-3, atol=1e-7)
+    # and not by chance: the plain token mean of each grouped micro-batch weighs the captions otherwise
+    plain = sum(
+        model(**layout.model_inputs(collate(items))).loss / 2 for items in (pictures[0] + pictures[1], pictures[2])
+    )
+    assert not torch.allclose(plain.detach(), tutorial_loss, rtol=1e-4)
+    # a step of one picture (5 captions, one run): its plain token mean, as a tutorial step of one micro-batch
+    alone = collate(pictures[2])
+    alone[WEIGHTS_KEY] = caption_weights([alone], per_device, step_captions=5)[0]
+    alone_loss = model(**layout.model_inputs(alone)).loss
+    plain_alone = model(**layout.model_inputs(collate(pictures[2]))).loss
+    assert torch.allclose(alone_loss, plain_alone, rtol=1e-5)
+    # on two ranks each rank's weights double (the ranks' gradients are averaged) and the step's captions count
+    two_ranks = caption_weights([alone], per_device, step_captions=10, ranks=2)[0]
+    assert torch.allclose(two_ranks, alone[WEIGHTS_KEY], rtol=1e-6)
+
+
+def test_the_grouped_step_shape_keeps_the_tutorials_global_batch():
+    """Grouped by image the launcher's per-device batch and accumulation become fewer, larger micro-batches of whole
+    pictures; their product, and so the global batch, stays; a step too small for a picture is refused."""
+    for per_device, accumulation, shape in (
+        (4, 16, (16, 4)),
+        (4, 2, (8, 1)),
+        (4, 4, (16, 1)),
+        (2, 8, (16, 1)),
+        (1, 16, (16, 1)),
+    ):
+        layout = BatchLayout(group_by_image=True, per_device_captions=per_device, accumulation=accumulation)
+        assert layout.trainer_step_shape() == shape
+        assert shape[0] * shape[1] == per_device * accumulation
+    assert BatchLayout(per_device_captions=4, accumulation=16).trainer_step_shape() == (4, 16)  # per caption: as is
+    with pytest.raises(ValueError, match="raise BATCH_SIZE"):
+        BatchLayout(group_by_image=True, per_device_captions=2, accumulation=1).trainer_step_shape()

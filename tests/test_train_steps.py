@@ -108,7 +108,7 @@ def test_a_non_finite_loss_is_replaced_on_the_device_as_transformers_would(tmp_p
     losses = iter([2.5, float("nan"), float("inf"), float("nan")])
     monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(losses)))
     trainer._tr_loss, trainer._globalstep_last_logged, trainer.state.global_step = torch.tensor(6.0), 3, 5
-    inputs = {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1)}
+    inputs = {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])}
     assert trainer.training_step(trainer.model, inputs).item() == 2.5  # finite: kept
     assert trainer.training_step(trainer.model, inputs).item() == 2.0  # 6 / (1 + 5 - 3)
     assert trainer.training_step(trainer.model, inputs).item() == 2.0
@@ -130,7 +130,7 @@ def test_total_flos_come_from_the_flop_model(tmp_path, monkeypatch):
     trainer.flop_model = FlopModel.from_config(trainer.model.config, lora_rank=8)
     monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(1.0))
     inputs = {
-        COUNTS_KEY: BatchCounts(captions=2, lengths=[40, 36], supervised=9),
+        COUNTS_KEY: BatchCounts(captions=2, lengths=[40, 36], supervised=9, caption_tokens=[[5], [4]]),
         "pixel_values": torch.zeros(3, 3, 8, 8),
         "input_ids": torch.zeros(2, 40, dtype=torch.long),
     }

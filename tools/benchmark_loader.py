@@ -8,7 +8,8 @@ Each row reads batches in this process, as one loader worker does (open the JPEG
 of 448 px, normalise, tokenize, and the trainer's collator with --bf16: pad or group, count, find the loss rows,
 cast the pixels) and prints captions/s. A GPU step does not wait for its loader while workers x captions/s here
 exceed the training rate. Rows: per caption (batches of --batch random captions, the fast per-caption mode's
-collator) and grouped by image (--group-pictures pictures with all their captions, each picture loaded once).
+collator) and grouped by image (micro-batches of whole pictures with 4 x --batch captions, as the trainer makes
+them on one GPU with BATCH_SIZE 16; each picture loaded once).
 """
 
 import argparse
@@ -51,7 +52,6 @@ def main() -> None:
     )
     parser.add_argument("--pictures", type=int, default=40, help="synthetic training pictures (5 captions each)")
     parser.add_argument("--batch", type=int, default=4, help="captions per per-caption batch")
-    parser.add_argument("--group-pictures", type=int, default=4, help="pictures per grouped batch")
     parser.add_argument("--batches", type=int, default=10, help="batches timed per row")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,10 @@ def main() -> None:
         encoder = ConversationTokenizer(tokenizer, "internlm2-chat", NUM_IMAGE_TOKEN, 4096)
         dataset = build_datasets(work / "meta.json", encoder, image_size=448, max_dynamic_patch=6)
         per_caption = BatchLayout(supervised_logits_only=True)
-        grouped = BatchLayout(supervised_logits_only=True, group_by_image=True)
+        # grouped: the micro-batches of whole pictures the trainer makes of 4 x --batch captions (one GPU, BATCH 16)
+        grouped = BatchLayout(
+            supervised_logits_only=True, group_by_image=True, per_device_captions=args.batch, accumulation=4
+        )
         rows = [
             (
                 "per caption",
@@ -87,7 +90,7 @@ def main() -> None:
                 "grouped by image",
                 DataLoader(
                     ImageGroupedDataset(dataset),
-                    batch_sampler=grouped.batch_sampler(dataset, args.group_pictures, 0),
+                    batch_sampler=grouped.batch_sampler(dataset, 1, 0),
                     collate_fn=grouped.collator(torch.bfloat16),
                 ),
             ),

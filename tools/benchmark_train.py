@@ -2,7 +2,7 @@
 """Training-step speed of the LoRA recipe, mode by mode, measured in the same run on the same captions.
 
   python tools/benchmark_train.py --like InternVL2-2B                  # the three recommended modes, a table
-  python tools/benchmark_train.py --like InternVL2-2B --same-captions --pictures 1 --lora-dropout 0 --steps 30
+  python tools/benchmark_train.py --like InternVL2-2B --same-captions --lora-dropout 0 --steps 30
                                                                      # loss curves of the modes on the same data
   python tools/benchmark_train.py --model pretrained/InternVL2-tiny --device cpu --steps 2   # smoke test
 
@@ -13,8 +13,8 @@ A mode is the trainer's fast-mode flags joined with '+', each named as its flag:
                           supervised positions
   no_grad_checkpoint      --grad_checkpoint False: keep activations instead of recomputing them
   compile_blocks          --compile_blocks True: torch.compile every ViT and LLM block
-  group_by_image          --group_by_image True: one sequence per picture with all its captions; a step is
-                          --pictures pictures instead of --batch captions
+  group_by_image          --group_by_image True: one sequence per picture with all its captions; a step holds the
+                          same captions in micro-batches of whole pictures
 The recommended modes are `fast` (supervised_logits_only+no_grad_checkpoint+compile_blocks) and `fast_grouped`
 (the same + group_by_image); both names are accepted.
 
@@ -50,7 +50,7 @@ from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
 from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
 from internvl_chat.train.arguments import ModelArguments  # noqa: E402
-from internvl_chat.train.batch_layout import COUNTS_KEY, BatchLayout  # noqa: E402
+from internvl_chat.train.batch_layout import COUNTS_KEY, WEIGHTS_KEY, BatchLayout, caption_weights  # noqa: E402
 from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 from internvl_chat.train.model_setup import compile_blocks, prepare_for_training  # noqa: E402
 
@@ -77,24 +77,29 @@ def mode_name(flags: frozenset) -> str:
     return "+".join(flag for flag in FLAGS if flag in flags) or "faithful"
 
 
-def layout_of(flags: frozenset, attention: str | None = None) -> BatchLayout:
+def layout_of(flags: frozenset, attention: str | None, args) -> BatchLayout:
     return BatchLayout(
         group_by_image="group_by_image" in flags,
         supervised_logits_only="supervised_logits_only" in flags,
         requested_attention=attention,
+        per_device_captions=args.batch,
+        accumulation=args.accumulation,
     )
 
 
 def prepare_data(args, model_dir: Path, work: Path) -> dict:
-    """The captions of every step: per caption, --batch random captions (a random sampler mixes pictures);
-    grouped by image, --pictures whole pictures. With --same-captions, per-caption steps take exactly the grouped
-    steps' captions."""
-    tokenizer = load_tokenizer(model_dir)
+    """Each optimizer step's micro-batches of dataset items, as the trainer would draw them on one GPU with
+    PER_DEVICE_BATCH_SIZE --batch and an accumulation of --accumulation: per caption, --accumulation micro-batches
+    of --batch random captions; grouped by image, whole pictures with about --batch x --accumulation captions in
+    fewer micro-batches (BatchLayout.trainer_step_shape). With --same-captions, the per-caption steps take exactly
+    the grouped steps' captions, cut into micro-batches of --batch in their order."""
+    from internvl_chat.data.samplers import ImageGroupedBatchSampler
     from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 
+    tokenizer = load_tokenizer(model_dir)
     config = InternVLChatConfig.from_pretrained(model_dir)
     steps = args.steps + args.warmup
-    images = max(args.batch * steps // 5 + 1, args.pictures * steps) + 1
+    images = (args.batch * args.accumulation * steps) // 4 + 8  # enough pictures of 5 captions, with a margin
     make_synthetic_coco(
         work / "coco",
         train_images=images,
@@ -107,21 +112,36 @@ def prepare_data(args, model_dir: Path, work: Path) -> dict:
     image_tokens = int((config.tile_size // config.vision_config.patch_size) ** 2 * config.downsample_ratio**2)
     encoder = ConversationTokenizer(tokenizer, config.template, image_tokens, 4096)
     dataset = build_datasets(work / "meta.json", encoder, image_size=config.tile_size, max_dynamic_patch=6)
-    groups = dataset.datasets[0].image_groups()
+    _, micro_batches = layout_of(frozenset({"group_by_image"}), None, args).trainer_step_shape()
+    sampler = ImageGroupedBatchSampler(
+        dataset.datasets[0].image_groups(), args.batch * args.accumulation, micro_batches
+    )
+    batches = list(sampler)
     grouped = [
-        [dataset[i] for p in range(args.pictures) for i in groups[step * args.pictures + p]] for step in range(steps)
+        [[dataset[i] for i in batch] for batch in batches[step * micro_batches : (step + 1) * micro_batches]]
+        for step in range(steps)
     ]
     if args.same_captions:
-        per_caption = grouped
+        per_caption = [
+            [items[start : start + args.batch] for start in range(0, len(items), args.batch)]
+            for items in ([item for batch in step for item in batch] for step in grouped)
+        ]
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        per_caption = [[dataset[order[step * args.batch + i]] for i in range(args.batch)] for step in range(steps)]
+        per_step = args.batch * args.accumulation
+        per_caption = [
+            [
+                [dataset[order[step * per_step + micro * args.batch + i]] for i in range(args.batch)]
+                for micro in range(args.accumulation)
+            ]
+            for step in range(steps)
+        ]
     return {"per_caption": per_caption, "grouped": grouped}
 
 
 def set_up(model_dir: Path, flags: frozenset, args, device):
     """The model as the trainer sets it up for this mode, its layout and a fresh AdamW on the adapters."""
-    layout = layout_of(flags, args.attn_implementation)
+    layout = layout_of(flags, args.attn_implementation, args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, dtype=dtype, device=device, attn_implementation=layout.attn_implementation())
     model.img_context_token_id = load_tokenizer(model_dir).convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
@@ -145,36 +165,53 @@ def set_up(model_dir: Path, flags: frozenset, args, device):
     return model, layout, optimizer
 
 
-def device_batches(layout: BatchLayout, steps: list[list[dict]], device) -> list[dict]:
-    """The layout's collated batches, on the device (where the Trainer's batches are when compute_loss runs)."""
+def device_steps(layout: BatchLayout, steps: list[list[list[dict]]], device) -> list[list[dict]]:
+    """Each step's micro-batches collated by the layout (grouped: with their loss weights for the step, as the
+    trainer's get_batch_samples sets them), on the device, where the Trainer's batches are when compute_loss runs."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     collate = layout.collator(dtype)
-    batches = []
-    for items in steps:
-        batch = collate(items)
-        batches.append(
-            {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    result = []
+    for step in steps:
+        batches = [collate(items) for items in step]
+        if layout.group_by_image:
+            step_captions = sum(batch[COUNTS_KEY].captions for batch in batches)
+            for batch, weights in zip(batches, caption_weights(batches, layout.per_device_captions, step_captions)):
+                batch[WEIGHTS_KEY] = weights
+        result.append(
+            [
+                {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+                for batch in batches
+            ]
         )
-    return batches
+    return result
 
 
-def train_step(model, layout: BatchLayout, batch: dict, optimizer, device) -> torch.Tensor:
-    # bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's bf16 casts the adapters instead)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**layout.model_inputs(batch)).loss
-    loss.backward()
+def train_step(model, layout: BatchLayout, step: list[dict], optimizer, device) -> torch.Tensor:
+    """Forward and backward of each micro-batch, then AdamW. Per caption, a micro-batch's loss weighs its share of
+    the step's captions (1 / accumulation for full micro-batches, as the Trainer divides; with --same-captions the
+    last micro-batch of a step may be short); grouped, the loss weights already say it and the loss is divided by
+    the micro-batches, as the Trainer does. bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's
+    bf16 casts the adapters instead)."""
+    total = 0.0
+    step_captions = sum(batch[COUNTS_KEY].captions for batch in step)
+    for batch in step:
+        share = 1 / len(step) if layout.group_by_image else batch[COUNTS_KEY].captions / step_captions
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**layout.model_inputs(batch)).loss * share
+        loss.backward()
+        total = total + loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total
 
 
-def timed_pass(model, layout, batches, optimizer, device, losses: list) -> float:
-    """Seconds for training steps over the batches. Losses stay on the device until the end, as in the Trainer,
-    which reads them only when it logs: a read every step would make the host wait for each step's last kernel."""
+def timed_pass(model, layout, steps, optimizer, device, losses: list) -> float:
+    """Seconds for training steps. Losses stay on the device until the end, as in the Trainer, which reads them
+    only when it logs: a read every step would make the host wait for each step's last kernel."""
     synchronize(device)
     start = time.perf_counter()
-    for batch in batches:
-        losses.append(train_step(model, layout, batch, optimizer, device))
+    for step in steps:
+        losses.append(train_step(model, layout, step, optimizer, device))
     synchronize(device)
     return time.perf_counter() - start
 
@@ -182,7 +219,7 @@ def timed_pass(model, layout, batches, optimizer, device, losses: list) -> float
 def measure_mode(model_dir, flags, steps, args, device, peak) -> dict:
     started = time.perf_counter()
     model, layout, optimizer = set_up(model_dir, flags, args, device)
-    batches = device_batches(layout, steps["grouped" if layout.group_by_image else "per_caption"], device)
+    batches = device_steps(layout, steps["grouped" if layout.group_by_image else "per_caption"], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = [train_step(model, layout, batch, optimizer, device) for batch in batches[: args.warmup]]
@@ -222,12 +259,12 @@ def measure_mode(model_dir, flags, steps, args, device, peak) -> dict:
     return row
 
 
-def step_work(batches, layout: BatchLayout, flop_model) -> tuple[int, int, float]:
-    """Captions, tokens and model FLOPs of the batches, from the collator's counts (as the Trainer logs them)."""
+def step_work(steps, layout: BatchLayout, flop_model) -> tuple[int, int, float]:
+    """Captions, tokens and model FLOPs of the steps, from the collator's counts (as the Trainer logs them)."""
     captions, tokens, flops = 0, 0, 0.0
-    for batch in batches:
+    for batch in (batch for step in steps for batch in step):
         counts = batch[COUNTS_KEY]
-        positions = counts.supervised if layout.supervised_logits_only else batch["input_ids"].numel()
+        positions = counts.supervised if layout.uses_loss_rows else batch["input_ids"].numel()
         captions += counts.captions
         tokens += sum(counts.lengths)
         flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), counts.lengths, positions)
@@ -251,8 +288,8 @@ def memory_stats(device) -> dict:
 
 def print_table(rows: list[dict], args, device_name: str) -> None:
     print(
-        f"\n{device_name}, {args.model or args.like}: a step is {args.batch} captions, or {args.pictures} pictures "
-        f"grouped by image; {args.steps} timed steps a mode, "
+        f"\n{device_name}, {args.model or args.like}: a step is {args.accumulation} micro-batches of {args.batch} "
+        f"captions, or about as many captions in whole pictures grouped by image; {args.steps} timed steps a mode, "
         f"{'COCO picture sizes' if args.coco_sizes else '640x480 pictures'}"
     )
     print(
@@ -287,8 +324,20 @@ def main() -> None:
     parser.add_argument("--like", default="InternVL2-2B", help="random weights with this model's shapes")
     parser.add_argument("--model", default=None, help="an existing checkpoint instead of --like")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=4, help="captions a step (the tutorial's per-device 4)")
-    parser.add_argument("--pictures", type=int, default=4, help="pictures a step, grouped by image")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="captions a micro-batch, the launcher's PER_DEVICE_BATCH_SIZE (the tutorial's 4)",
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=4,
+        help="micro-batches a step per caption (a step: --batch x --accumulation captions; 16 is the "
+        "launcher's step on one GPU with BATCH_SIZE 16); grouped by image, the same captions in "
+        "micro-batches of whole pictures",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps a mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(

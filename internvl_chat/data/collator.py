@@ -137,12 +137,27 @@ class BatchCounts:
     captions: int  # runs of supervised labels: one per row, or several per row grouped by image
     lengths: list[int]  # real (not padding) tokens per row
     supervised: int  # supervised label positions
+    caption_tokens: list[list[int]]  # supervised positions of each caption, row by row, in order
 
 
 def batch_counts(batch: dict) -> BatchCounts:
-    """What a collated batch holds, for throughput and FLOP accounting."""
+    """What a collated batch holds, for throughput and FLOP accounting and the grouped loss's weights."""
     supervised = batch["labels"] != IGNORE_INDEX
     lengths = (batch["input_ids"] != COLLATOR_PAD_ID).sum(dim=1).tolist()
+    caption_tokens = []
+    for row in supervised.tolist():
+        runs, previous = [], False
+        for flag in row:
+            if flag:
+                if previous:
+                    runs[-1] += 1
+                else:
+                    runs.append(1)
+            previous = flag
+        caption_tokens.append(runs)
     return BatchCounts(
-        captions=int((supervised[:, 1:] & ~supervised[:, :-1]).sum()), lengths=lengths, supervised=int(supervised.sum())
+        captions=sum(len(runs) for runs in caption_tokens),
+        lengths=lengths,
+        supervised=int(supervised.sum()),
+        caption_tokens=caption_tokens,
     )

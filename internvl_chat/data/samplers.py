@@ -1,7 +1,5 @@
 """Samplers: the original's length-grouped order, and batches that keep all captions of an image together."""
 
-import math
-
 import torch
 from torch.utils.data import Sampler
 
@@ -59,40 +57,85 @@ class LengthGroupedSampler(Sampler):
 
 
 class ImageGroupedBatchSampler(Sampler):
-    """Batches of whole image groups (every caption of a picture in the same batch, adjacent), shuffled by
-    group with a seed and the epoch, sharded over ranks. A batch holds up to `images_per_batch` groups."""
+    """Optimizer steps of whole pictures (each picture's captions adjacent, in one micro-batch) that hold as many
+    captions as the tutorial's steps: about `captions_per_step` on every rank, BATCH_SIZE / ranks.
+
+    An epoch is a seeded random order of the pictures (a new one each epoch, set_epoch), cut into steps: each takes
+    the next pictures while that brings the captions the steps have taken so far closer to captions_per_step times
+    the steps (the error carried from step to step, so that steps of 5- to 7-caption pictures average the budget).
+    It has the tutorial's number of steps, the whole steps its captions fill with a picture to spare on every rank;
+    the pictures left over are dropped, as the tutorial drops the captions of its last, incomplete step. Each step's
+    pictures are split into `micro_batches_per_step` micro-batches of about equal captions, in order.
+
+    Micro-batches come out in the order accelerate deals a batch sampler's batches out to the ranks (batch i to rank
+    i mod world): step by step, micro-batch by micro-batch, rank by rank."""
 
     def __init__(
         self,
         groups: list[list[int]],
-        images_per_batch: int,
-        rank: int = 0,
+        captions_per_step: int,
+        micro_batches_per_step: int = 1,
         world_size: int = 1,
         seed: int = 0,
-        shuffle: bool = True,
     ):
-        if images_per_batch < 1:
-            raise ValueError("images_per_batch must be >= 1")
-        self.groups, self.images_per_batch = groups, images_per_batch
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.epoch = 0
+        largest = max(len(group) for group in groups)
+        if captions_per_step < 1 or micro_batches_per_step < 1:
+            raise ValueError("captions_per_step and micro_batches_per_step must be >= 1")
+        self.groups, self.budget, self.micro = groups, captions_per_step, micro_batches_per_step
+        self.world_size, self.seed, self.epoch = world_size, seed, 0
+        captions = sum(len(group) for group in groups)
+        self.steps = max((captions - largest * world_size) // (captions_per_step * world_size), 0)
+        if self.steps * world_size * micro_batches_per_step > len(groups):
+            raise ValueError(
+                f"{len(groups)} pictures cannot fill {self.steps} steps of {micro_batches_per_step} "
+                f"micro-batches on {world_size} rank(s)"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        order = list(range(len(self.groups)))
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.groups), generator=generator).tolist()
-        batches = [order[i : i + self.images_per_batch] for i in range(0, len(order), self.images_per_batch)]
-        # every rank gets the same number of batches: wrap around rather than leave a rank idle
-        per_rank = math.ceil(len(batches) / self.world_size)
-        batches += batches[: per_rank * self.world_size - len(batches)]
-        return [[i for g in batch for i in self.groups[g]] for batch in batches[self.rank :: self.world_size]]
+    def steps_of_pictures(self) -> list[list[int]]:
+        """The epoch's steps (one per rank and step, in rank order within a step), as lists of picture numbers."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.groups), generator=generator).tolist()
+        buckets, cursor, carry = [], 0, 0
+        for _ in range(self.steps * self.world_size):
+            wanted, taken, count = self.budget - carry, [], 0
+            while cursor < len(order):
+                size = len(self.groups[order[cursor]])
+                if len(taken) >= self.micro and abs(count + size - wanted) >= abs(count - wanted):
+                    break
+                taken.append(order[cursor])
+                count += size
+                cursor += 1
+            buckets.append(taken)
+            carry += count - self.budget
+        return buckets
 
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.groups) / self.images_per_batch) / self.world_size)
+    def split(self, pictures: list[int]) -> list[list[int]]:
+        """A step's pictures as micro_batches_per_step runs of about equal captions (at least one picture each)."""
+        parts, start = [], 0
+        remaining = sum(len(self.groups[picture]) for picture in pictures)
+        for left in range(self.micro, 0, -1):
+            target, count, end = remaining / left, 0, start
+            while end < len(pictures) - (left - 1) and (
+                end == start or count + len(self.groups[pictures[end]]) / 2 <= target
+            ):
+                count += len(self.groups[pictures[end]])
+                end += 1
+            parts.append(pictures[start:end])
+            remaining -= count
+            start = end
+        parts[-1] += pictures[start:]
+        return parts
 
     def __iter__(self):
-        return iter(self._batches())
+        buckets = self.steps_of_pictures()
+        for step in range(self.steps):
+            splits = [self.split(buckets[step * self.world_size + rank]) for rank in range(self.world_size)]
+            for micro in range(self.micro):
+                for rank in range(self.world_size):
+                    yield [index for picture in splits[rank][micro] for index in self.groups[picture]]
+
+    def __len__(self) -> int:
+        return self.steps * self.micro * self.world_size

@@ -57,11 +57,15 @@ class LossRows:
     positions [B, R]: the positions t whose logits predict a supervised token t + 1, R slots per sequence (spare
     slots hold any position, with target -100); targets [B, R]: those tokens. mask [B, 1, R, L] (bool, True: may
     attend) is each slot's row of the attention mask; given it, an LLM whose decoder takes `output_rows` (InternLM2,
-    supports_output_rows) computes its last layer at these rows only, since nothing reads the others."""
+    supports_output_rows) computes its last layer at these rows only, since nothing reads the others.
+
+    weights [B, R]: the loss is the weighted sum of the rows' cross-entropies instead of their mean (a training
+    batch that mixes the captions of several of a run's steps sets them)."""
 
     positions: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
@@ -289,7 +293,11 @@ class InternVLChatModel(PreTrainedModel):
         else:
             hidden = gather_rows(decoder(**inputs).last_hidden_state, loss_rows.positions)
         logits = llm.get_output_embeddings()(hidden).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), loss_rows.targets.flatten())  # spare slots' -100 are ignored
+        if loss_rows.weights is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), loss_rows.targets.flatten())  # spare slots' -100: ignored
+        else:
+            each = F.cross_entropy(logits.flatten(0, 1), loss_rows.targets.flatten(), reduction="none")
+            loss = (each * loss_rows.weights.flatten().to(each.dtype)).sum()
         if not matched:
             loss = loss * 0.0
         return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -66,7 +66,8 @@ class DataTrainingArguments:
         default=False,
         metadata={
             "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
-            "caption seeing only the prompt and itself); --per_device_train_batch_size then counts pictures"
+            "caption seeing only the prompt and itself). A step holds the tutorial's captions (whole pictures, about "
+            "BATCH_SIZE of them) and the tutorial's loss weighting, in fewer, larger micro-batches"
         },
     )
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})

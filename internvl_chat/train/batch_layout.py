@@ -34,6 +34,12 @@ logger = logging.getLogger("internvl_chat.train")
 GROUPED_ATTENTIONS = (PREFIX_SPLIT_ATTENTION, "flex_attention", "sdpa", "eager")
 COUNTS_KEY = "batch_counts"  # what TrainingCollator counted; taken out before the forward
 LOSS_KEYS = ("loss_positions", "loss_targets", "loss_rows_mask")
+WEIGHTS_KEY = "loss_weights"  # grouped by image: each loss row's weight (caption_weights), set for a whole step
+# A grouped micro-batch holds up to this many captions (about 4 pictures): about the tokens of the tutorial's
+# micro-batch of 4 captions (4 x ~1,850), since the pictures' prompts are not repeated.
+GROUPED_MICRO_BATCH_CAPTIONS = 20
+# ... and at least this many, so that a micro-batch has room for the largest COCO pictures' captions.
+GROUPED_MICRO_BATCH_MIN_CAPTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class BatchLayout:
     supervised_logits_only: bool = False
     # the attention asked for with --attn_implementation (None: the model's default)
     requested_attention: str | None = None
+    # the tutorial's step as the launcher computed it: captions a micro-batch (PER_DEVICE_BATCH_SIZE) and
+    # micro-batches a step (the gradient accumulation), on each rank
+    per_device_captions: int = 4
+    accumulation: int = 1
     llm_attention: str | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -57,13 +67,44 @@ class BatchLayout:
             object.__setattr__(self, "llm_attention", self.requested_attention)
 
     @classmethod
-    def from_arguments(cls, model_args, data_args, run_args) -> "BatchLayout":
+    def from_arguments(cls, model_args, data_args, training_args, run_args) -> "BatchLayout":
         return cls(
             group_by_image=data_args.group_by_image,
             group_by_length=data_args.group_by_length and not data_args.group_by_image,
             supervised_logits_only=run_args.supervised_logits_only,
             requested_attention=model_args.attn_implementation,
+            per_device_captions=training_args.per_device_train_batch_size,
+            accumulation=training_args.gradient_accumulation_steps,
         )
+
+    @property
+    def uses_loss_rows(self) -> bool:
+        """The loss through LossRows: with supervised logits only, and grouped by image, where each caption's rows
+        carry the weight that keeps the tutorial's loss (caption_weights)."""
+        return self.supervised_logits_only or self.group_by_image
+
+    def trainer_step_shape(self) -> tuple[int, int]:
+        """(per_device_train_batch_size, gradient_accumulation_steps) for transformers and DeepSpeed. Per caption,
+        the tutorial's. Grouped by image, a step holds the tutorial's captions (per-device batch x accumulation on
+        each rank) in fewer, larger micro-batches of whole pictures: the accumulation divided by the largest of its
+        divisors k that keeps a micro-batch's caption budget (k x per-device batch) within
+        GROUPED_MICRO_BATCH_CAPTIONS; the product, the global batch, is the tutorial's."""
+        if not self.group_by_image:
+            return self.per_device_captions, self.accumulation
+        divisors = [k for k in range(1, self.accumulation + 1) if self.accumulation % k == 0]
+        fitting = [k for k in divisors if self.per_device_captions * k <= GROUPED_MICRO_BATCH_CAPTIONS] or [1]
+        k = max(fitting)
+        if self.per_device_captions * k < GROUPED_MICRO_BATCH_MIN_CAPTIONS:
+            larger = [d for d in divisors if self.per_device_captions * d >= GROUPED_MICRO_BATCH_MIN_CAPTIONS]
+            if not larger:
+                raise ValueError(
+                    f"grouped by image, a micro-batch holds whole pictures (5 to 7 captions each), but a step has "
+                    f"{self.per_device_captions * self.accumulation} captions a process "
+                    f"(PER_DEVICE_BATCH_SIZE x accumulation): raise BATCH_SIZE to at least "
+                    f"{GROUPED_MICRO_BATCH_MIN_CAPTIONS} captions a process, or train per caption"
+                )
+            k = min(larger)
+        return self.per_device_captions * k, self.accumulation // k
 
     def describe(self) -> str:
         parts = ["grouped by image" if self.group_by_image else "per caption"]
@@ -100,13 +141,34 @@ class BatchLayout:
         generator = torch.Generator().manual_seed(seed)
         return LengthGroupedSampler(per_device_batch, ranks_times_accumulation, lengths, generator)
 
-    def batch_sampler(self, dataset: ConcatDataset, pictures_per_batch: int, seed: int) -> Sampler:
-        """A grouped run's batches: whole pictures with all their captions, in a seeded random order."""
+    def batch_sampler(self, dataset: ConcatDataset, world_size: int, seed: int) -> ImageGroupedBatchSampler:
+        """A grouped run's micro-batches: whole pictures with all their captions, the tutorial's captions a step
+        (per-device batch x accumulation on each rank), the pictures in a seeded random order."""
         from ..data.dataset import image_groups
 
-        groups = image_groups(dataset)
-        logger.info("Grouped by image: %d pictures, %d captions", len(groups), len(dataset))
-        return ImageGroupedBatchSampler(groups, pictures_per_batch, seed=seed)
+        _, micro_batches = self.trainer_step_shape()
+        return ImageGroupedBatchSampler(
+            image_groups(dataset), self.per_device_captions * self.accumulation, micro_batches, world_size, seed
+        )
+
+    def step_summary(self, dataset: ConcatDataset, world_size: int, seed: int) -> str:
+        """Steps an epoch, captions and pictures a step (all ranks), as the run will take them."""
+        if not self.group_by_image:
+            captions = self.per_device_captions * self.accumulation * world_size
+            return (
+                f"{len(dataset) // captions:,} optimizer steps an epoch, {captions} captions a step (one picture "
+                f"each, {self.per_device_captions} a micro-batch, {self.accumulation} micro-batches a step)"
+            )
+        sampler = self.batch_sampler(dataset, world_size, seed)
+        pictures = sampler.steps_of_pictures()
+        captions = sum(len(sampler.groups[picture]) for bucket in pictures for picture in bucket)
+        micro_captions, micro_batches = self.trainer_step_shape()
+        return (
+            f"{sampler.steps:,} optimizer steps an epoch, {captions / max(sampler.steps, 1):.1f} captions a step "
+            f"on average (the tutorial's {self.per_device_captions * self.accumulation * world_size}) of "
+            f"{sum(len(bucket) for bucket in pictures) / max(sampler.steps, 1):.1f} whole pictures; "
+            f"{micro_batches} micro-batch(es) a step of up to about {micro_captions} captions"
+        )
 
     def collator(self, float_dtype: torch.dtype | None = None) -> "TrainingCollator":
         return TrainingCollator(self, float_dtype)
@@ -115,10 +177,14 @@ class BatchLayout:
         """A collated batch on the device -> the model's keyword arguments: the counts taken out, the loss rows as
         LossRows, and on a GPU the mask that flex attention reads as a BlockMask (built from the dense mask's
         blocks, on the device)."""
-        inputs = {key: value for key, value in batch.items() if key != COUNTS_KEY and key not in LOSS_KEYS}
-        if self.supervised_logits_only:
+        inputs = {
+            key: value for key, value in batch.items() if key not in (COUNTS_KEY, WEIGHTS_KEY) and key not in LOSS_KEYS
+        }
+        if self.uses_loss_rows:
             positions, targets, mask = (batch[key] for key in LOSS_KEYS)
-            inputs["loss_rows"] = LossRows(positions, targets, mask)
+            if not self.supervised_logits_only:  # grouped with full logits: the whole last layer, then its rows
+                mask = None
+            inputs["loss_rows"] = LossRows(positions, targets, mask, batch.get(WEIGHTS_KEY))
             inputs.pop("labels", None)
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool:
@@ -153,7 +219,7 @@ class TrainingCollator:
     def __call__(self, features: list[dict]) -> dict:
         batch = self.collate(features)
         batch[COUNTS_KEY] = batch_counts(batch)
-        if self.layout.supervised_logits_only:
+        if self.layout.uses_loss_rows:
             batch.update(zip(LOSS_KEYS, loss_rows(batch["labels"], batch.get("attention_mask"))))
         if "image_flags" in batch and bool(batch["image_flags"].all()):
             del batch["image_flags"]
@@ -224,3 +290,36 @@ def loss_rows(
     # A spare slot's position may see no key at all (a pad); seeing itself keeps its discarded output finite,
     # which matters: 0 x NaN in the backward would still be NaN.
     return positions, slot_targets, (allowed | own)[:, None]
+
+
+def caption_weights(
+    batches: list[dict], per_device_captions: int, step_captions: int, ranks: int = 1
+) -> list[torch.Tensor]:
+    """Each loss row's weight in one optimizer step of grouped micro-batches on one rank, [B, R] a micro-batch: the
+    tutorial's loss, generalised to a step of any number of captions.
+
+    The tutorial's step is the mean, over its micro-batches of PER_DEVICE_BATCH_SIZE captions on all ranks, of each
+    micro-batch's token-mean loss: every caption weighs 1 / BATCH_SIZE, its tokens token-meaned within its
+    micro-batch. A grouped step holds whole pictures, about BATCH_SIZE captions but not exactly; each rank's captions
+    are cut in order into runs of per_device_captions that stand for the tutorial's micro-batches, and a run of n
+    captions weighs n / step_captions (step_captions: the step's captions on all ranks), its tokens token-meaned
+    within it. So a token weighs (captions of its run) / (step_captions x tokens of its run): the step's loss is a
+    mean over its captions whatever their number, and a step of exactly BATCH_SIZE captions has the gradient of the
+    tutorial's micro-batches made of those runs (tested). The weights are multiplied by the rank's micro-batches,
+    which the Trainer divides each micro-batch's loss by, and by the ranks, whose gradients are averaged."""
+    tokens = [count for batch in batches for row in batch[COUNTS_KEY].caption_tokens for count in row]
+    runs = [tokens[start : start + per_device_captions] for start in range(0, len(tokens), per_device_captions)]
+    scale = len(batches) * ranks / step_captions
+    weights_of_captions = [scale * len(run) / sum(run) for run in runs for _ in run]
+    result, cursor = [], 0
+    for batch in batches:
+        targets = batch[LOSS_KEYS[1]]
+        weights = torch.zeros(targets.shape, dtype=torch.float32)
+        for row, counts in enumerate(batch[COUNTS_KEY].caption_tokens):
+            row_weights = [
+                weights_of_captions[cursor + index] for index, count in enumerate(counts) for _ in range(count)
+            ]
+            weights[row, : len(row_weights)] = torch.tensor(row_weights)
+            cursor += len(counts)
+        result.append(weights)
+    return result

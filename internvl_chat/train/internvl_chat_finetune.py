@@ -60,6 +60,23 @@ def image_tokens_per_tile(data_args, config) -> int:
 
 def main(argv: list[str]) -> None:
     model_args, data_args, training_args, run_args = parse_args(argv)
+    layout = BatchLayout.from_arguments(model_args, data_args, training_args, run_args)
+    micro_batch, accumulation = layout.trainer_step_shape()
+    if (micro_batch, accumulation) != (
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+    ):
+        # grouped by image: the tutorial's captions a step in fewer micro-batches of whole pictures; parsed again so
+        # that transformers and DeepSpeed take the shape from the start (the global batch is unchanged)
+        training_args = parse_args(
+            [
+                *argv,
+                "--per_device_train_batch_size",
+                str(micro_batch),
+                "--gradient_accumulation_steps",
+                str(accumulation),
+            ]
+        )[2]
     setup_logging(training_args.should_log, run_args.verbose)
     if not run_args.verbose:
         training_args.disable_tqdm = True  # one line a logging step instead (run_logging.StepLine)
@@ -73,7 +90,6 @@ def main(argv: list[str]) -> None:
     checkpoint_config = InternVLChatConfig.from_pretrained(model_args.model_name_or_path)
     if data_args.max_dynamic_patch is None:
         data_args.max_dynamic_patch = checkpoint_config.max_dynamic_patch
-    layout = BatchLayout.from_arguments(model_args, data_args, run_args)
     announce_deepspeed_build(training_args)
     init_deepspeed_comm(training_args, run_args.verbose)
     logger.info(
@@ -123,6 +139,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("nothing to train: every parameter is frozen (use --use_llm_lora or unfreeze a part)")
 
     logger.info("Batches: %s; the LLM's attention: %s", layout.describe(), model.config.llm_config._attn_implementation)
+    logger.info("Steps: %s", layout.step_summary(dataset, training_args.world_size, training_args.seed))
     lengths = [n for part in dataset.datasets for n in part.estimated_lengths()] if layout.group_by_length else None
 
     flop_model = FlopModel.from_config(

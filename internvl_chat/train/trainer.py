@@ -16,7 +16,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
 from ..data.dataset import ImageGroupedDataset
-from .batch_layout import COUNTS_KEY, BatchLayout
+from .batch_layout import COUNTS_KEY, LOSS_KEYS, WEIGHTS_KEY, BatchLayout, caption_weights
 from .flops import FlopModel
 from .run_logging import StepLine
 
@@ -172,11 +172,11 @@ class InternVLTrainer(Trainer):
         return sampler or super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
-        """Grouped by image, a micro-batch is per_device_train_batch_size pictures with all their captions, each
-        picture loaded once; accelerate deals the batches out to the ranks as it does for any other sampler."""
+        """Grouped by image, micro-batches of whole pictures with all their captions, each picture loaded once, the
+        tutorial's captions a step (ImageGroupedBatchSampler); accelerate deals them out to the ranks."""
         if not self.layout.group_by_image:
             return super().get_train_dataloader()
-        sampler = self.layout.batch_sampler(self.train_dataset, self.args.per_device_train_batch_size, self.args.seed)
+        sampler = self.layout.batch_sampler(self.train_dataset, self.args.world_size, self.args.seed)
         loader = DataLoader(
             ImageGroupedDataset(self.train_dataset),
             batch_sampler=sampler,
@@ -188,6 +188,22 @@ class InternVLTrainer(Trainer):
             ),
         )
         return self.accelerator.prepare(loader)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """An optimizer step's micro-batches, fetched together by the training loop. Grouped by image, each loss row
+        gets its weight for the step (batch_layout.caption_weights), which needs the step's captions on all ranks."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.layout.group_by_image and batches:
+            captions = torch.tensor(sum(batch[COUNTS_KEY].captions for batch in batches), device=device)
+            if self.args.world_size > 1:
+                captions = self.accelerator.gather(captions[None]).sum()
+            step_captions = int(captions)
+            for batch, weights in zip(
+                batches,
+                caption_weights(batches, self.layout.per_device_captions, step_captions, self.args.world_size),
+            ):
+                batch[WEIGHTS_KEY] = weights.to(batch[LOSS_KEYS[1]].device, non_blocking=True)
+        return batches, num_items_in_batch
 
     def set_initial_training_values(self, args, dataloader):
         """Epoch-based runs take the original's step count: whole accumulation windows only (566,747 COCO

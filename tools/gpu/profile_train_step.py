@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from benchmark_train import device_batches, parse_mode, prepare_data, set_up, train_step  # noqa: E402
+from benchmark_train import device_steps, parse_mode, prepare_data, set_up, train_step  # noqa: E402
 from torch.profiler import profile  # noqa: E402
 
 from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=4, help="captions a step")
-    parser.add_argument("--pictures", type=int, default=4, help="pictures a step, grouped by image")
+    parser.add_argument("--batch", type=int, default=4, help="captions a micro-batch")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches a step (per caption)")
     args = parser.parse_args()
     flags = parse_mode(args.mode)
     options = SimpleNamespace(
@@ -48,7 +48,7 @@ def main() -> None:
         like=args.like,
         device="cuda",
         batch=args.batch,
-        pictures=args.pictures,
+        accumulation=args.accumulation,
         steps=args.steps,
         warmup=args.warmup,
         lora_dropout=0.05,
@@ -66,7 +66,7 @@ def main() -> None:
     )
     steps = prepare_data(options, model_dir, work)
     model, layout, optimizer = set_up(model_dir, flags, options, device)
-    batches = device_batches(layout, steps["grouped" if layout.group_by_image else "per_caption"], device)
+    batches = device_steps(layout, steps["grouped" if layout.group_by_image else "per_caption"], device)
     step = partial(train_step, model, layout, optimizer=optimizer, device=device)
     for batch in batches[: args.warmup]:
         step(batch)

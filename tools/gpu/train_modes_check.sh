@@ -3,7 +3,7 @@
 # eager and compiled), then tools/benchmark_train.py's table on a random full-size InternVL2-2B built once.
 #   sh tools/gpu/train_modes_check.sh OUT_DIR                       # faithful, fast, fast_grouped
 #   MODES=faithful,fast STEPS=12 TESTS=none sh tools/gpu/train_modes_check.sh OUT_DIR
-# Environment: MODES, STEPS, WARMUP, BATCH, PICTURES, EXTRA (more benchmark_train flags, e.g. --coco-sizes),
+# Environment: MODES, STEPS, WARMUP, BATCH, ACCUMULATION, EXTRA (more benchmark_train flags, e.g. --coco-sizes),
 # TESTS (the tests' -k expression, or none), WORK, PYTHON. Pytest is installed from .whl/ when the machine lacks it
 # (carry .whl). Leaves OUT_DIR/tests.txt, OUT_DIR/benchmark_train.txt and OUT_DIR/benchmark_train.json.
 set -u
@@ -26,6 +26,6 @@ if [ ! -f "$work/InternVL2-2B/config.json" ]; then
 fi
 # shellcheck disable=SC2086  # EXTRA is a list of words
 "$python" tools/benchmark_train.py --model "$work/InternVL2-2B" --device cuda --batch "${BATCH:-4}" \
-    --pictures "${PICTURES:-4}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "${MODES:-faithful,fast,fast_grouped}" \
+    --accumulation "${ACCUMULATION:-4}" --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --modes "${MODES:-faithful,fast,fast_grouped}" \
     --json "$out/benchmark_train.json" ${EXTRA:-} > "$out/benchmark_train.txt" 2>&1
 grep -E "^\||^warning|^\{'mode'.*error" "$out/benchmark_train.txt"
