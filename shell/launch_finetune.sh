@@ -57,7 +57,8 @@ else
 fi
 
 # The model, the data and every flag, checked before torchrun starts (a second, not a model load per process).
-"$PYTHON" -m internvl_chat.train.preflight "$@" --output_dir "$OUTPUT_DIR" || exit $?
+"$PYTHON" -m internvl_chat.train.preflight "$@" --output_dir "$OUTPUT_DIR" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" --gradient_accumulation_steps "$GRADIENT_ACC" || exit $?
 
 mkdir -p "$OUTPUT_DIR"
 log="$OUTPUT_DIR/training_log.txt"

@@ -20,7 +20,8 @@ REMOTE_CODE = (
     "modeling_internvl_chat.py",
     "tokenization_internlm2.py",
 )
-THIRD_PARTY = {"torch", "transformers", "peft", "triton", "sentencepiece", "numpy"}
+# packaging: a dependency of transformers itself (the remote code compares its version)
+THIRD_PARTY = {"torch", "transformers", "packaging", "peft", "triton", "sentencepiece", "numpy"}
 
 
 def imported_modules(path: Path) -> tuple[set[str], set[str]]:

@@ -204,7 +204,7 @@ def test_loader_with_workers_is_deterministic(tokenizer, coco):
 def test_length_grouped_sampler():
     lengths = [(i * 37) % 101 + 1 for i in range(64)]
     first = length_grouped_indices(lengths, batch_size=4, world_size=2, generator=torch.Generator().manual_seed(0))
-    again = list(LengthGroupedSampler(4, 2, lengths, torch.Generator().manual_seed(0)))
+    again = list(LengthGroupedSampler(4, 2, lengths, seed=0))
     assert first == again and sorted(first) == list(range(64))
     for start in range(0, 64, 8):  # each megabatch: 2 chunks of 4, longest first overall, balanced totals
         megabatch = first[start : start + 8]
@@ -212,6 +212,12 @@ def test_length_grouped_sampler():
         assert max(lengths[i] for i in megabatch) in (lengths[chunk_a[0]], lengths[chunk_b[0]])
         total_a, total_b = sum(lengths[i] for i in chunk_a), sum(lengths[i] for i in chunk_b)
         assert abs(total_a - total_b) <= max(lengths[i] for i in megabatch)
+    sampler = LengthGroupedSampler(4, 2, lengths, seed=0)
+    sampler.set_epoch(1)
+    second_epoch = list(sampler)
+    assert second_epoch != first and sorted(second_epoch) == list(range(64))
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # the epoch's order from the seed and the epoch alone
 
 
 def test_image_groups_keep_each_pictures_captions_together(tokenizer, coco):
@@ -264,10 +270,10 @@ def test_grouped_steps_hold_the_tutorials_captions(budget, micro_batches, world)
 
 def test_length_grouped_sampler_keeps_whole_optimizer_steps():
     lengths = list(range(1, 71))  # 70 samples, megabatch 4 x 4 = 16: 4 whole steps, 6 left over
-    sampler = LengthGroupedSampler(4, 4, lengths, torch.Generator().manual_seed(1))
+    sampler = LengthGroupedSampler(4, 4, lengths, seed=1)
     indices = list(sampler)
     assert len(sampler) == len(indices) == 64 and len(set(indices)) == 64
-    everything = LengthGroupedSampler(4, 4, lengths, torch.Generator().manual_seed(1), whole_steps=False)
+    everything = LengthGroupedSampler(4, 4, lengths, seed=1, whole_steps=False)
     all_indices = list(everything)
     assert len(all_indices) == 70 and all_indices[:64] == indices
 

@@ -124,6 +124,10 @@ def test_automodel_loads_the_merged_folder_offline(world, tmp_path):
         "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
         "px = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))\n"
         "print('ANSWER', repr(m.chat(t, px, 'Describe the image.', dict(max_new_tokens=10, do_sample=False))))\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "print('CAUSAL_LM', type(AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)).__name__)\n"
+        "messages = [{'role': 'user', 'content': 'Describe the image.'}]\n"
+        "print('PROMPT', repr(t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
     result = subprocess.run(
@@ -131,6 +135,13 @@ def test_automodel_loads_the_merged_folder_offline(world, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ANSWER '" in result.stdout
+    # what serving engines read: AutoModelForCausalLM, the original 2B's chat template, its stop tokens
+    assert "CAUSAL_LM InternVLChatModel" in result.stdout
+    assert "PROMPT '<s><|im_start|>user\\nDescribe the image.<|im_end|>\\n<|im_start|>assistant\\n'" in result.stdout
+    assert len(json.loads((merged / "config.json").read_text())["auto_map"]) == 3
+    tokens = json.loads((merged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    stops = [int(i) for name in ("<|im_end|>", "<|im_start|>") for i, t in tokens.items() if t["content"] == name]
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == stops
 
 
 def test_refusals(world, tmp_path):

@@ -454,5 +454,5 @@ def test_the_grouped_step_shape_keeps_the_tutorials_global_batch():
         assert layout.trainer_step_shape() == shape
         assert shape[0] * shape[1] == per_device * accumulation
     assert BatchLayout(per_device_captions=4, accumulation=16).trainer_step_shape() == (4, 16)  # per caption: as is
-    with pytest.raises(ValueError, match="raise BATCH_SIZE"):
+    with pytest.raises(ValueError, match="raise BATCH_SIZE to 8 or more captions a process"):
         BatchLayout(group_by_image=True, per_device_captions=2, accumulation=1).trainer_step_shape()

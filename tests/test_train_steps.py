@@ -105,15 +105,50 @@ def test_a_non_finite_loss_is_replaced_on_the_device_as_transformers_would(tmp_p
 
     trainer = trainer_for(tmp_path)
     assert trainer.filter_nan_inf_losses and not trainer.args.logging_nan_inf_filter
-    losses = iter([2.5, float("nan"), float("inf"), float("nan")])
+    losses = iter([6.0, float("nan"), float("inf"), float("nan")])
     monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(losses)))
-    trainer._tr_loss, trainer._globalstep_last_logged, trainer.state.global_step = torch.tensor(6.0), 3, 5
+    trainer.state.global_step = 5
     inputs = {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])}
-    assert trainer.training_step(trainer.model, inputs).item() == 2.5  # finite: kept
-    assert trainer.training_step(trainer.model, inputs).item() == 2.0  # 6 / (1 + 5 - 3)
-    assert trainer.training_step(trainer.model, inputs).item() == 2.0
+    assert trainer.training_step(trainer.model, inputs).item() == 6.0  # finite: kept; the window opens at step 5
+    trainer.state.global_step = 7  # two optimizer steps later, no loss logged meanwhile
+    assert trainer.training_step(trainer.model, inputs).item() == 2.0  # 6 / (1 + 7 - 5)
+    assert trainer.training_step(trainer.model, inputs).item() == pytest.approx(8 / 3)  # the replacement counts
     trainer.filter_nan_inf_losses = False  # --logging_nan_inf_filter False: the loss as it is
     assert torch.isnan(trainer.training_step(trainer.model, inputs))
+
+
+def test_a_logged_loss_is_the_mean_of_its_steps_losses(tmp_path, monkeypatch):
+    """The logged loss of a window is the mean over its optimizer steps of each step's loss (the sum of its
+    micro-steps' losses), whatever transformers keeps privately; a NaN micro-step counts as the window's mean."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from internvl_chat.data.collator import BatchCounts
+    from internvl_chat.train.trainer import COUNTS_KEY
+
+    trainer = trainer_for(
+        tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=4, logging_steps=2
+    )
+    micro_losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, float("nan"), 7.0, 9.0])
+    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(micro_losses)))
+    monkeypatch.setattr(
+        InternVLTrainer,
+        "get_train_dataloader",
+        lambda self: [
+            {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])} for _ in range(8)
+        ],
+    )
+    logged = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                logged.append(logs["loss"])
+
+    trainer.add_callback(Keep())
+    trainer.train()
+    # steps: 1+2, 3+4 -> mean 5; 5 + NaN (replaced by the window's mean so far, 5 / 1), 7+9 -> (10 + 16) / 2 = 13
+    assert logged == [5.0, 13.0]
 
 
 def test_total_flos_come_from_the_flop_model(tmp_path, monkeypatch):

@@ -128,6 +128,11 @@ def test_the_launcher_refuses_before_torchrun_starts(world, tmp_path):
         launch(world, "--deepspeed", str(tmp_path / "zero.json")),
         f"launch_finetune: --deepspeed {tmp_path / 'zero.json'}: no such file",
     )
+    assert_refused(
+        launch(world, "--group_by_image", "True", BATCH_SIZE="4"),
+        "launch_finetune: --group_by_image True needs at least 8 captions a step on each process (whole pictures "
+        "have 5 to 7 captions), but BATCH_SIZE gives 2 x 2 = 4",
+    )
     assert not (world / "run").exists()  # refused before anything was written
 
 

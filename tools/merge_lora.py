@@ -82,6 +82,7 @@ def merge(input_path: Path, output_path: Path, force: bool = False) -> None:
     import torch
     from transformers import GenerationConfig
 
+    from internvl_chat.model.checkpoint_files import complete_checkpoint_files
     from internvl_chat.model.loader import load_tokenizer
     from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
 
@@ -103,9 +104,13 @@ def merge(input_path: Path, output_path: Path, force: bool = False) -> None:
     print("Saving model...", flush=True)
     output_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_path)
-    GenerationConfig.from_model_config(model.config.llm_config).save_pretrained(output_path)
+    if (input_path / "generation_config.json").is_file():  # the stop tokens the fine-tune (and its base) had
+        GenerationConfig.from_pretrained(input_path).save_pretrained(output_path)
+    else:
+        GenerationConfig.from_model_config(model.config.llm_config).save_pretrained(output_path)
     print("Saving tokenizer...", flush=True)
     tokenizer.save_pretrained(output_path)
+    complete_checkpoint_files(output_path, tokenizer)  # chat_template where the originals keep it, stop tokens
     print("Done!", flush=True)
 
 

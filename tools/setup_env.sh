@@ -24,11 +24,29 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
 
+# requirements.txt states the tested transformers range; .venv takes its lowest release, and $NEWEST, a second
+# environment that sees everything of .venv but its own transformers, takes the highest (the test command runs the
+# model, training-step and merge tests there too).
+lowest=$(sed -n 's/^transformers>=\([0-9.]*\),<=\([0-9.]*\).*/\1/p' requirements.txt)
+highest=$(sed -n 's/^transformers>=\([0-9.]*\),<=\([0-9.]*\).*/\2/p' requirements.txt)
+NEWEST=${NEWEST:-$VENV-newest}
+
 stamp="$VENV/.requirements.sha256"
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing requirements.txt"
-    "$VENV/bin/python" -m pip install -q -r requirements.txt
+    echo "[setup] installing requirements.txt (transformers $lowest, the lowest tested)"
+    "$VENV/bin/python" -m pip install -q -r requirements.txt "transformers==$lowest"
     echo "$want" > "$stamp"
     "$VENV/bin/python" -c "from importlib.metadata import version; print('[setup]', ' | '.join(name + ' ' + version(name) for name in ('torch', 'transformers', 'peft', 'deepspeed')))"
+fi
+
+newest_stamp="$NEWEST/.requirements.sha256"
+if [ ! -f "$newest_stamp" ] || [ "$(cat "$newest_stamp")" != "$want" ]; then
+    echo "[setup] creating $NEWEST: .venv's packages with transformers $highest, the highest tested"
+    rm -rf "$NEWEST"
+    "$VENV/bin/python" -m venv --without-pip "$NEWEST"
+    site=$("$NEWEST/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/base_environment.pth"
+    "$VENV/bin/python" -m pip install -q --no-deps --target "$site" "transformers==$highest"
+    echo "$want" > "$newest_stamp"
 fi

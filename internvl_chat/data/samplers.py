@@ -39,20 +39,28 @@ class LengthGroupedSampler(Sampler):
     """The original's group_by_length sampler; world_size there is ranks x gradient-accumulation steps, so one
     megabatch is one optimizer step. With whole_steps, an epoch ends with its last complete megabatch: the
     original computed the leftover micro-batches but never applied them (transformers 5 would take an extra,
-    smaller optimizer step on them at every epoch end)."""
+    smaller optimizer step on them at every epoch end).
 
-    def __init__(self, batch_size: int, world_size: int, lengths: list[int], generator=None, whole_steps: bool = True):
-        self.batch_size, self.world_size, self.lengths, self.generator = batch_size, world_size, lengths, generator
+    An epoch's order is a function of the seed and the epoch (set_epoch) alone, so that a resumed run draws the
+    order of the epoch it resumes in, whatever was drawn before it."""
+
+    def __init__(self, batch_size: int, world_size: int, lengths: list[int], seed: int = 0, whole_steps: bool = True):
+        self.batch_size, self.world_size, self.lengths = batch_size, world_size, lengths
+        self.seed, self.epoch = seed, 0
         megabatch = batch_size * world_size
         self.size = len(lengths)
         if whole_steps and len(lengths) >= megabatch:
             self.size = len(lengths) // megabatch * megabatch
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
-        indices = length_grouped_indices(self.lengths, self.batch_size, self.world_size, self.generator)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
         return iter(indices[: self.size])
 
 

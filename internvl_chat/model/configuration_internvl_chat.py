@@ -4,10 +4,39 @@
 Llama, Qwen2 and Phi3 use the transformers ones.
 """
 
-from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
+import warnings
 
-from .configuration_intern_vit import InternVisionConfig
-from .configuration_internlm2 import InternLM2Config
+import transformers
+from packaging.version import Version
+
+# The transformers releases this model code is tested with (requirements.txt states the same range; the tests
+# check that the two agree). Older ones lack the APIs it uses; newer ones may rename them.
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Once, when the remote code is imported: an older transformers stops here with the range to install, instead
+    of failing with an AttributeError in a forward pass; a newer one than tested is named in a warning."""
+    lowest, highest = TESTED_TRANSFORMERS
+    if Version(version) < Version(lowest):
+        raise ImportError(
+            f"This InternVL2 checkpoint's code needs transformers {lowest} or newer (tested {lowest} to {highest}); "
+            f"this environment has {version}: pip install 'transformers>={lowest},<={highest}'"
+        )
+    if Version(Version(version).base_version) > Version(highest):
+        warnings.warn(
+            f"This InternVL2 checkpoint's code is tested with transformers {lowest} to {highest}; this environment "
+            f"has {version}",
+            stacklevel=2,
+        )
+
+
+check_transformers_version()
+
+from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config  # noqa: E402
+
+from .configuration_intern_vit import InternVisionConfig  # noqa: E402
+from .configuration_internlm2 import InternLM2Config  # noqa: E402
 
 LLM_CONFIG_CLASSES = {
     "LlamaForCausalLM": LlamaConfig,
@@ -94,6 +123,11 @@ class InternVLChatConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.hidden_size = self.llm_config.hidden_size
         self.llm_config.tie_word_embeddings = False
+        # The originals map AutoModelForCausalLM to the model too; save_pretrained adds AutoConfig and AutoModel.
+        self.auto_map = {
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+            **(getattr(self, "auto_map", None) or {}),
+        }
 
     @property
     def tile_size(self) -> int:

@@ -294,12 +294,9 @@ class InternLM2Model(InternLM2PreTrainedModel):
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        # the cache by position: transformers 5.24 renamed the argument (past_key_values -> cache)
         mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=given_position_ids,
+            self.config, inputs_embeds, attention_mask, past_key_values, position_ids=given_position_ids
         )
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
         hidden_states = inputs_embeds

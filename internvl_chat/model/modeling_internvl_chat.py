@@ -10,6 +10,7 @@ whole model, or a dict with `vision_config` / `llm_config` keys for the two halv
 each half takes flash_attention_2 if flash-attn imports, else sdpa (default_attn_implementation).
 """
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -222,6 +223,13 @@ class InternVLChatModel(PreTrainedModel):
         return embeds.index_put((rows, columns), features), matched
 
     # ------------------------------------------------------------------ training forward
+    def _llm_cache_keyword(self) -> str:
+        """The name under which the LLM's forward takes the KV cache: transformers 5.24 renamed past_key_values to
+        cache in its own models (the old name warns, and goes in 5.40); InternLM2's forward here keeps the old."""
+        llm = self.language_model
+        llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        return "cache" if "cache" in inspect.signature(type(llm).forward).parameters else "past_key_values"
+
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -252,11 +260,12 @@ class InternVLChatModel(PreTrainedModel):
         inputs_embeds, matched = self.embed_with_images(input_ids, vit_embeds, strict=False)
         if loss_rows is not None:
             return self._loss_at_rows(inputs_embeds, attention_mask, position_ids, loss_rows, matched, **kwargs)
+        if past_key_values is not None:
+            kwargs[self._llm_cache_keyword()] = past_key_values
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from ..model.checkpoint_files import complete_checkpoint_files
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
@@ -171,4 +172,5 @@ def build_checkpoint(
     model.config.dtype = dtype
     model.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config.llm_config).save_pretrained(out_dir)
+    complete_checkpoint_files(out_dir, tokenizer)
     return out_dir

@@ -28,6 +28,7 @@ from ..data.preprocess import IGNORE_INDEX
 from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from ..model.modeling_internvl_chat import LossRows
 from .attention import PREFIX_SPLIT_ATTENTION, block_mask_from_dense, causal_head_length
+from .step_shape import grouped_step_shape
 
 logger = logging.getLogger("internvl_chat.train")
 # The LLM attentions that take the [B, 1, L, L] mask of sequences grouped by image; flash attention does not.
@@ -35,11 +36,6 @@ GROUPED_ATTENTIONS = (PREFIX_SPLIT_ATTENTION, "flex_attention", "sdpa", "eager")
 COUNTS_KEY = "batch_counts"  # what TrainingCollator counted; taken out before the forward
 LOSS_KEYS = ("loss_positions", "loss_targets", "loss_rows_mask")
 WEIGHTS_KEY = "loss_weights"  # grouped by image: each loss row's weight (caption_weights), set for a whole step
-# A grouped micro-batch holds up to this many captions (about 4 pictures): about the tokens of the tutorial's
-# micro-batch of 4 captions (4 x ~1,850), since the pictures' prompts are not repeated.
-GROUPED_MICRO_BATCH_CAPTIONS = 20
-# ... and at least this many, so that a micro-batch has room for the largest COCO pictures' captions.
-GROUPED_MICRO_BATCH_MIN_CAPTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -85,26 +81,11 @@ class BatchLayout:
 
     def trainer_step_shape(self) -> tuple[int, int]:
         """(per_device_train_batch_size, gradient_accumulation_steps) for transformers and DeepSpeed. Per caption,
-        the tutorial's. Grouped by image, a step holds the tutorial's captions (per-device batch x accumulation on
-        each rank) in fewer, larger micro-batches of whole pictures: the accumulation divided by the largest of its
-        divisors k that keeps a micro-batch's caption budget (k x per-device batch) within
-        GROUPED_MICRO_BATCH_CAPTIONS; the product, the global batch, is the tutorial's."""
+        the tutorial's; grouped by image, the same captions a step in fewer, larger micro-batches of whole pictures
+        (step_shape.grouped_step_shape)."""
         if not self.group_by_image:
             return self.per_device_captions, self.accumulation
-        divisors = [k for k in range(1, self.accumulation + 1) if self.accumulation % k == 0]
-        fitting = [k for k in divisors if self.per_device_captions * k <= GROUPED_MICRO_BATCH_CAPTIONS] or [1]
-        k = max(fitting)
-        if self.per_device_captions * k < GROUPED_MICRO_BATCH_MIN_CAPTIONS:
-            larger = [d for d in divisors if self.per_device_captions * d >= GROUPED_MICRO_BATCH_MIN_CAPTIONS]
-            if not larger:
-                raise ValueError(
-                    f"grouped by image, a micro-batch holds whole pictures (5 to 7 captions each), but a step has "
-                    f"{self.per_device_captions * self.accumulation} captions a process "
-                    f"(PER_DEVICE_BATCH_SIZE x accumulation): raise BATCH_SIZE to at least "
-                    f"{GROUPED_MICRO_BATCH_MIN_CAPTIONS} captions a process, or train per caption"
-                )
-            k = min(larger)
-        return self.per_device_captions * k, self.accumulation // k
+        return grouped_step_shape(self.per_device_captions, self.accumulation)
 
     def describe(self) -> str:
         parts = ["grouped by image" if self.group_by_image else "per caption"]
@@ -138,8 +119,7 @@ class BatchLayout:
         is one optimizer step: ranks x accumulation micro-batches), else None (transformers' random order)."""
         if not self.group_by_length:
             return None
-        generator = torch.Generator().manual_seed(seed)
-        return LengthGroupedSampler(per_device_batch, ranks_times_accumulation, lengths, generator)
+        return LengthGroupedSampler(per_device_batch, ranks_times_accumulation, lengths, seed)
 
     def batch_sampler(self, dataset: ConcatDataset, world_size: int, seed: int) -> ImageGroupedBatchSampler:
         """A grouped run's micro-batches: whole pictures with all their captions, the tutorial's captions a step

@@ -36,6 +36,7 @@ from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
 from internvl_chat.train.model_setup import add_new_tokens, compile_blocks, load_model, prepare_for_training  # noqa: E402
 from internvl_chat.train.profiling import StepProfiler, parse_step_range  # noqa: E402
 from internvl_chat.train.run_logging import announce_deepspeed_build, quiet_stdout, setup_logging  # noqa: E402
+from internvl_chat.train.step_shape import StepShapeError  # noqa: E402
 from internvl_chat.train.trainer import InternVLTrainer, last_complete_checkpoint  # noqa: E402
 
 logger = logging.getLogger("internvl_chat.train")
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (CheckpointError, MetaError, SampleError, ImageError) as error:
+    except (CheckpointError, MetaError, SampleError, ImageError, StepShapeError) as error:
         # a mistake in the inputs: the message names the file and the fix, a traceback would only bury it
         rank = os.environ.get("RANK")
         print(f"internvl_chat_finetune{f' (process {rank})' if rank else ''}: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..data.meta import MetaError, load_meta
 from ..model.checkpoint_folder import CheckpointError, check_checkpoint_folder
+from .step_shape import StepShapeError, grouped_step_shape
 
 
 class PreflightError(ValueError):
@@ -92,6 +93,10 @@ def check(argv: list[str]) -> None:
             json.loads(config.read_text())
         except json.JSONDecodeError as error:
             raise PreflightError(f"--deepspeed {config} is not valid JSON: {error}") from error
+    if values.get("group_by_image", "false").lower() in ("true", "yes", "t", "y", "1"):
+        grouped_step_shape(
+            int(values.get("per_device_train_batch_size", 8)), int(values.get("gradient_accumulation_steps", 1))
+        )
     known = known_flags()
     for name in values:
         if name not in known:
@@ -105,7 +110,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         check(argv)
-    except (PreflightError, CheckpointError, MetaError) as error:
+    except (PreflightError, CheckpointError, MetaError, StepShapeError) as error:
         print(f"launch_finetune: {error}", file=sys.stderr)
         return 2
     return 0

@@ -64,9 +64,10 @@ def extensions_root() -> Path:
 
 
 def deepspeed_ops_to_build(use_cpu: bool) -> list[str]:
-    """DeepSpeed's ops that this run will compile before its first step because no earlier run has: its fused
-    Adam, and on the CPU its shared-memory collectives."""
-    names = ["fused_adam"] + (["deepspeed_shm_comm"] if use_cpu else [])
+    """DeepSpeed's ops that this run will compile before its first step because no earlier run has: on a GPU its
+    fused Adam; on the CPU its shared-memory collectives (the optimizer there is PyTorch's AdamW, see
+    InternVLTrainer.create_accelerator_and_postprocess)."""
+    names = ["deepspeed_shm_comm"] if use_cpu else ["fused_adam"]
     root = extensions_root()
     return [name for name in names if not any(root.glob(f"**/{name}/*.so"))]
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
 from ..data.dataset import ImageGroupedDataset
+from ..model.checkpoint_files import complete_checkpoint_files
 from .batch_layout import COUNTS_KEY, LOSS_KEYS, WEIGHTS_KEY, BatchLayout, caption_weights
 from .flops import FlopModel
 from .run_logging import StepLine
@@ -81,10 +83,86 @@ class FreezeObjectsAfterCompiling(TrainerCallback):
             gc.unfreeze()
 
 
+class SamplerEpochs(TrainerCallback):
+    """Puts the run's own sampler (length-grouped, or grouped by image) on the epoch the training loop is in; each
+    epoch's order is a function of the seed and the epoch. transformers sets a sampler's epoch through the loader's
+    wrappers, but a resumed run's first epoch is a skip_first_batches loader, whose extra wrapper the call does not
+    pass: the sampler would draw epoch 0's order in any epoch a run resumes in. The epoch is counted as the
+    training loop counts it: a resumed run starts in epoch global_step // steps an epoch."""
+
+    def __init__(self, trainer: "InternVLTrainer"):
+        self.trainer, self.epoch = trainer, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        per_epoch = self.trainer.update_steps_per_epoch
+        self.epoch = state.global_step // per_epoch if per_epoch else 0
+        if state.global_step:
+            done = state.global_step - self.epoch * per_epoch
+            logger.info(
+                "Resumed at step %d of %d: epoch %d (counted from 0), whose first %d optimizer step(s) (%d "
+                "micro-batches a process) are skipped; weights, optimizer, schedule and every process's random "
+                "states as saved",
+                state.global_step,
+                state.max_steps,
+                self.epoch,
+                done,
+                done * args.gradient_accumulation_steps,
+            )
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer.epoch_sampler
+        if sampler is not None:
+            sampler.set_epoch(self.epoch)
+        self.epoch += 1
+
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks a checkpoint complete once every process has written its part, and only then rotates the older ones out.
+
+    transformers' main process writes trainer_state.json after its own files, without waiting for the others' (their
+    random states, their DeepSpeed optimizer shards), and removes the older checkpoints beyond --save_total_limit in
+    the same breath: a run killed then leaves a checkpoint that looks complete but resumes with another rank's random
+    state missing. Here, after every process's save (on_save), a barrier; then the main process writes
+    COMPLETE_MARKER and removes the checkpoints older than the newest `keep` complete ones (the trainer takes
+    save_total_limit over from transformers)."""
+
+    def __init__(self, trainer: "InternVLTrainer", keep: int | None):
+        self.trainer, self.keep = trainer, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.trainer.accelerator.wait_for_everyone()
+        if not args.should_save or not folder.is_dir():
+            return
+        marker = {"global_step": state.global_step, "processes": args.world_size}
+        (folder / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+        if self.keep:
+            complete = [path for _, path in checkpoints(args.output_dir) if is_complete_checkpoint(path)]
+            newest_kept = complete[: self.keep]
+            for _, path in checkpoints(args.output_dir):
+                if path not in newest_kept and path != folder:
+                    shutil.rmtree(path, ignore_errors=True)
+                    logger.debug("Removed %s (--save_total_limit %d)", path, self.keep)
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-* folder, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))),
+        reverse=True,
+    )
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
-    """trainer_state.json is written after the weights, optimizer and RNG states; a folder without a
-    readable one was cut off mid-save."""
+    """Every process's files written (COMPLETE_MARKER, CompleteCheckpoints) and the trainer state readable."""
     try:
+        json.loads((folder / COMPLETE_MARKER).read_text())
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
@@ -92,17 +170,7 @@ def is_complete_checkpoint(folder: Path) -> bool:
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    steps = sorted(
-        ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))),
-        reverse=True,
-    )
-    for _, folder in steps:
-        if is_complete_checkpoint(folder):
-            return folder
-    return None
+    return next((folder for _, folder in checkpoints(output_dir) if is_complete_checkpoint(folder)), None)
 
 
 class InternVLTrainer(Trainer):
@@ -136,11 +204,20 @@ class InternVLTrainer(Trainer):
         self._micro_step_flops = 0.0
         self.gc_timer = GarbageCollectionTimer()
         self.add_callback(FreezeObjectsAfterCompiling())
+        self.epoch_sampler = None  # the sampler of the run's own order, if any (SamplerEpochs)
+        self.update_steps_per_epoch = None  # as the training loop counts them (set_initial_training_values)
+        self.add_callback(SamplerEpochs(self))
+        if not self.args.load_best_model_at_end:  # the best checkpoint's protection stays with transformers
+            self.add_callback(CompleteCheckpoints(self, self.args.save_total_limit))
+            self.args.save_total_limit = None
         # transformers' loop replaces a non-finite micro-step loss by the mean of the window so far, but decides so
         # on the host, a wait for every micro-step's last kernel before the next one can be queued. training_step
-        # makes the same replacement on the device instead, and the loop's own check is turned off.
+        # makes the same replacement on the device instead, from its own sum of the window's losses (reset when a
+        # loss is logged), and the loop's own check is turned off.
         self.filter_nan_inf_losses = self.args.logging_nan_inf_filter
         self.args.logging_nan_inf_filter = False
+        self.loss_window_sum = None  # the micro-step losses returned since the last logged loss, on the device
+        self.loss_window_start = None  # the optimizer step that window began at
 
     def create_accelerator_and_postprocess(self) -> None:
         # Batches go to the GPU asynchronously from the loader's pinned memory. accelerate copies them
@@ -158,6 +235,12 @@ class InternVLTrainer(Trainer):
             if not self.verbose:
                 # the original configs ask for DeepSpeed's wall-clock breakdown: several lines every step
                 deepspeed_config.config["wall_clock_breakdown"] = False
+            optimizer = deepspeed_config.config.get("optimizer", {})
+            if self.args.use_cpu and optimizer.get("type", "").lower() in ("adam", "adamw"):
+                # DeepSpeed's Adam on the CPU (a C++ op) keeps beta^t as a running product, which a resumed run
+                # starts again from pow(beta, step): its weights would differ in the last bit from the first step
+                # after a resume. PyTorch's AdamW takes beta^t from the step count every step (and needs no build).
+                optimizer.setdefault("params", {}).setdefault("torch_adam", True)
         super().create_accelerator_and_postprocess()
 
     def train(self, *args, **kwargs):
@@ -169,6 +252,7 @@ class InternVLTrainer(Trainer):
         sampler = None
         if self.lengths is not None:
             sampler = self.layout.sampler(self.lengths, self.args.train_batch_size, world, self.args.seed)
+            self.epoch_sampler = sampler
         return sampler or super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
@@ -177,6 +261,7 @@ class InternVLTrainer(Trainer):
         if not self.layout.group_by_image:
             return super().get_train_dataloader()
         sampler = self.layout.batch_sampler(self.train_dataset, self.args.world_size, self.args.seed)
+        self.epoch_sampler = sampler
         loader = DataLoader(
             ImageGroupedDataset(self.train_dataset),
             batch_sampler=sampler,
@@ -214,6 +299,7 @@ class InternVLTrainer(Trainer):
             per_epoch = max(len(dataloader) // args.gradient_accumulation_steps, 1)
             values[1] = per_epoch
             values[-1] = math.ceil(args.num_train_epochs * per_epoch)
+        self.update_steps_per_epoch = values[1]
         return tuple(values)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -229,9 +315,13 @@ class InternVLTrainer(Trainer):
             )
             self._window["flops"] += self._micro_step_flops
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.filter_nan_inf_losses and hasattr(self, "_tr_loss"):  # the loop's replacement, without a host read
-            window_mean = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+        if self.loss_window_sum is None:
+            self.loss_window_sum = torch.zeros((), dtype=loss.dtype, device=loss.device)
+            self.loss_window_start = self.state.global_step
+        if self.filter_nan_inf_losses:  # the loop's replacement, without a host read
+            window_mean = self.loss_window_sum / (1 + self.state.global_step - self.loss_window_start)
             loss = torch.where(torch.isfinite(loss), loss, window_mean)
+        self.loss_window_sum += loss.detach()
         return loss
 
     def floating_point_ops(self, inputs) -> float:
@@ -241,10 +331,20 @@ class InternVLTrainer(Trainer):
             return super().floating_point_ops(inputs)
         return self._micro_step_flops
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model and tokenizer as transformers saves them, then what the original checkpoints carry beside them
+        for serving engines (model/checkpoint_files.py): every checkpoint and the run's output folder."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            complete_checkpoint_files(output_dir or self.args.output_dir, self.processing_class)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(model, self.layout.model_inputs(inputs), return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self.loss_window_sum is not None:
+            self.loss_window_sum.zero_()
+            self.loss_window_start = self.state.global_step
         if "loss" in logs and self._window_start is not None:
             counts = torch.tensor(
                 [self._window["samples"], self._window["tokens"], self._window["flops"]],
