@@ -37,12 +37,18 @@ FAST = [
 pytestmark = pytest.mark.slow
 
 
+def make_world(root: Path, train_images: int) -> tuple[Path, Path]:
+    """The tiny model and a synthetic COCO of train_images pictures (5 captions each) in root."""
+    model = build_checkpoint(root / "pretrained/InternVL2-tiny", seed=0)
+    make_synthetic_coco(
+        root / "data/coco", train_images=train_images, test_images=2, seed=0, meta_path=root / "meta.json"
+    )
+    return root, model
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = build_checkpoint(root / "pretrained/InternVL2-tiny", seed=0)
-    make_synthetic_coco(root / "data/coco", train_images=8, test_images=2, seed=0, meta_path=root / "meta.json")
-    return root, model
+    return make_world(tmp_path_factory.mktemp("train"), 8)
 
 
 def launch(world, name, gpus, steps, save_steps, *extra, background=False, batch_size="8"):
@@ -174,10 +180,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(world):
 @pytest.fixture(scope="module")
 def larger_world(tmp_path_factory):
     """24 pictures (120 captions): enough for grouped steps of 16 captions on 2 processes to fill 6 steps an epoch."""
-    root = tmp_path_factory.mktemp("train24")
-    model = build_checkpoint(root / "pretrained/InternVL2-tiny", seed=0)
-    make_synthetic_coco(root / "data/coco", train_images=24, test_images=2, seed=0, meta_path=root / "meta.json")
-    return root, model
+    return make_world(tmp_path_factory.mktemp("train24"), 24)
 
 
 @pytest.mark.parametrize(
