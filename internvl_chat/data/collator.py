@@ -144,17 +144,12 @@ def batch_counts(batch: dict) -> BatchCounts:
     """What a collated batch holds, for throughput and FLOP accounting and the grouped loss's weights."""
     supervised = batch["labels"] != IGNORE_INDEX
     lengths = (batch["input_ids"] != COLLATOR_PAD_ID).sum(dim=1).tolist()
-    caption_tokens = []
-    for row in supervised.tolist():
-        runs, previous = [], False
-        for flag in row:
-            if flag:
-                if previous:
-                    runs[-1] += 1
-                else:
-                    runs.append(1)
-            previous = flag
-        caption_tokens.append(runs)
+    # runs of supervised positions: +1 where one starts, -1 just past where it ends (row-major, so they pair up)
+    edges = torch.nn.functional.pad(supervised.int(), (1, 1)).diff(dim=1)
+    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
+    caption_tokens = [[] for _ in range(supervised.shape[0])]
+    for row, length in zip(starts[:, 0].tolist(), (ends[:, 1] - starts[:, 1]).tolist()):
+        caption_tokens[row].append(length)
     return BatchCounts(
         captions=sum(len(runs) for runs in caption_tokens),
         lengths=lengths,

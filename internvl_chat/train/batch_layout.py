@@ -273,23 +273,24 @@ def loss_rows(
 
 
 def caption_weights(
-    batches: list[dict], per_device_captions: int, step_captions: int, ranks: int = 1
+    batches: list[dict], per_device_captions: int, step_captions: int | torch.Tensor, ranks: int = 1
 ) -> list[torch.Tensor]:
-    """Each loss row's weight in one optimizer step of grouped micro-batches on one rank, [B, R] a micro-batch: the
-    tutorial's loss, generalised to a step of any number of captions.
+    """Each loss row's weight in one optimizer step of grouped micro-batches on one rank, [B, R] a micro-batch, on
+    the device of the batch's loss targets: the tutorial's loss, generalised to a step of any number of captions.
 
     The tutorial's step is the mean, over its micro-batches of PER_DEVICE_BATCH_SIZE captions on all ranks, of each
     micro-batch's token-mean loss: every caption weighs 1 / BATCH_SIZE, its tokens token-meaned within its
     micro-batch. A grouped step holds whole pictures, about BATCH_SIZE captions but not exactly; each rank's captions
     are cut in order into runs of per_device_captions that stand for the tutorial's micro-batches, and a run of n
-    captions weighs n / step_captions (step_captions: the step's captions on all ranks), its tokens token-meaned
-    within it. So a token weighs (captions of its run) / (step_captions x tokens of its run): the step's loss is a
-    mean over its captions whatever their number, and a step of exactly BATCH_SIZE captions has the gradient of the
-    tutorial's micro-batches made of those runs (tested). The weights are multiplied by the rank's micro-batches,
-    which the Trainer divides each micro-batch's loss by, and by the ranks, whose gradients are averaged."""
+    captions weighs n / step_captions (step_captions: the step's captions on all ranks, a number or a tensor on the
+    device, so that a sum over the ranks needs no wait for the GPU), its tokens token-meaned within it. So a token
+    weighs (captions of its run) / (step_captions x tokens of its run): the step's loss is a mean over its captions
+    whatever their number, and a step of exactly BATCH_SIZE captions has the gradient of the tutorial's micro-batches
+    made of those runs (tested). The weights are multiplied by the rank's micro-batches, which the Trainer divides
+    each micro-batch's loss by, and by the ranks, whose gradients are averaged."""
     tokens = [count for batch in batches for row in batch[COUNTS_KEY].caption_tokens for count in row]
     runs = [tokens[start : start + per_device_captions] for start in range(0, len(tokens), per_device_captions)]
-    scale = len(batches) * ranks / step_captions
+    scale = len(batches) * ranks
     weights_of_captions = [scale * len(run) / sum(run) for run in runs for _ in run]
     result, cursor = [], 0
     for batch in batches:
@@ -301,5 +302,5 @@ def caption_weights(
             ]
             weights[row, : len(row_weights)] = torch.tensor(row_weights)
             cursor += len(counts)
-        result.append(weights)
+        result.append(weights.to(targets.device, non_blocking=True) / step_captions)
     return result

@@ -18,7 +18,7 @@ from transformers.trainer_utils import seed_worker
 
 from ..data.dataset import ImageGroupedDataset
 from ..model.checkpoint_files import complete_checkpoint_files
-from .batch_layout import COUNTS_KEY, LOSS_KEYS, WEIGHTS_KEY, BatchLayout, caption_weights
+from .batch_layout import COUNTS_KEY, WEIGHTS_KEY, BatchLayout, caption_weights
 from .flops import FlopModel
 from .run_logging import StepLine
 
@@ -279,15 +279,14 @@ class InternVLTrainer(Trainer):
         gets its weight for the step (batch_layout.caption_weights), which needs the step's captions on all ranks."""
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.layout.group_by_image and batches:
-            captions = torch.tensor(sum(batch[COUNTS_KEY].captions for batch in batches), device=device)
-            if self.args.world_size > 1:
-                captions = self.accelerator.gather(captions[None]).sum()
-            step_captions = int(captions)
-            for batch, weights in zip(
-                batches,
-                caption_weights(batches, self.layout.per_device_captions, step_captions, self.args.world_size),
-            ):
-                batch[WEIGHTS_KEY] = weights.to(batch[LOSS_KEYS[1]].device, non_blocking=True)
+            step_captions = sum(batch[COUNTS_KEY].captions for batch in batches)  # this rank's, on the host
+            if self.args.world_size > 1:  # all ranks', summed on the device: the host does not wait for the GPU
+                step_captions = self.accelerator.reduce(
+                    torch.tensor(float(step_captions), device=device), reduction="sum"
+                )
+            weights = caption_weights(batches, self.layout.per_device_captions, step_captions, self.args.world_size)
+            for batch, batch_weights in zip(batches, weights):
+                batch[WEIGHTS_KEY] = batch_weights
         return batches, num_items_in_batch
 
     def set_initial_training_values(self, args, dataloader):
