@@ -40,8 +40,8 @@ def reference_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from internvl_chat.synthetic.checkpoint import tokenizer_corpus
-    from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer
+    from internvl_chat.devkit.checkpoint import tokenizer_corpus
+    from internvl_chat.devkit.tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), tokenizer_corpus())
 
@@ -51,7 +51,7 @@ def training_dataset(tmp_path_factory, tiny_tokenizer):
     """Three synthetic COCO pictures (15 captions), tiled to at most 2 + 1 tiles of 224 px."""
     from internvl_chat.data.dataset import build_datasets
     from internvl_chat.data.preprocess import ConversationTokenizer
-    from internvl_chat.synthetic.coco import make_synthetic_coco
+    from internvl_chat.devkit.coco import make_synthetic_coco
 
     root = tmp_path_factory.mktemp("coco")
     make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
@@ -69,9 +69,9 @@ def training_items(training_dataset) -> list[dict]:
 def make_lora_model(tiny_tokenizer):
     """A tiny InternVL2 of an LLM family with LoRA (r 8, no dropout) on its LLM, B initialised away from zero as
     after some training (so that A gets gradients too)."""
+    from internvl_chat.devkit.checkpoint import tiny_config_dict
     from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
     from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
-    from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
     def make(llm: str = "internlm2"):
         torch.manual_seed(0)

@@ -1,6 +1,7 @@
-"""The structure docs/ARCHITECTURE.md describes, held by the tests: the remote-code files are the model a checkpoint
-carries, self-contained and without switches that other code flips. (Which package may import which is checked by
-lint-imports in tools/test.sh.)"""
+"""The structure docs/ARCHITECTURE.md describes, held by the tests: the remote-code folder (internvl_chat/model/) is
+the model a checkpoint carries, self-contained and without switches that other code flips; the package installs
+with its commands; nothing edits sys.path. (Which package may import which is checked by lint-imports in
+tools/test.sh.)"""
 
 import ast
 from pathlib import Path
@@ -9,17 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "internvl_chat/model"
-REMOTE_CODE = (
-    "configuration_intern_vit.py",
-    "configuration_internlm2.py",
-    "configuration_internvl_chat.py",
-    "conversation.py",
-    "fused_kernels.py",
-    "modeling_intern_vit.py",
-    "modeling_internlm2.py",
-    "modeling_internvl_chat.py",
-    "tokenization_internlm2.py",
-)
+# The remote-code folder is the model a checkpoint carries: every module in it, and nothing else.
+REMOTE_CODE = tuple(sorted(path.name for path in MODEL_DIR.glob("*.py") if path.name != "__init__.py"))
 # packaging: a dependency of transformers itself (the remote code compares its version)
 THIRD_PARTY = {"torch", "transformers", "packaging", "peft", "triton", "sentencepiece", "numpy"}
 
@@ -107,7 +99,77 @@ def test_nothing_writes_into_the_model_modules():
 
 def test_a_written_checkpoint_carries_exactly_the_remote_code(tmp_path):
     """save_pretrained copies the modeling file and what it imports: the remote-code files, nothing of training."""
-    from internvl_chat.synthetic.checkpoint import build_checkpoint
+    from internvl_chat.devkit.checkpoint import build_checkpoint
 
     folder = build_checkpoint(tmp_path / "tiny", seed=0)
     assert sorted(path.name for path in folder.glob("*.py")) == sorted(REMOTE_CODE)
+
+
+def test_the_remote_code_folder_is_what_a_checkpoint_carries():
+    assert set(REMOTE_CODE) == {
+        "configuration_intern_vit.py",
+        "configuration_internlm2.py",
+        "configuration_internvl_chat.py",
+        "conversation.py",
+        "fused_kernels.py",
+        "modeling_intern_vit.py",
+        "modeling_internlm2.py",
+        "modeling_internvl_chat.py",
+        "tokenization_internlm2.py",
+    }
+
+
+def test_nothing_edits_sys_path_outside_the_tests_conftest():
+    """The package is installed (pip install -e ., tools/setup_env.sh); scripts import it as users would."""
+    offenders = []
+    for path in [*REPO.glob("internvl_chat/**/*.py"), *REPO.glob("tools/**/*.py"), *REPO.glob("tools/**/*.sh")]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "sys.path.insert" in line or "sys.path.append" in line:
+                offenders.append(f"{path.relative_to(REPO)}:{number}")
+    assert not offenders, offenders
+
+
+def test_the_image_token_formula_is_written_once():
+    """<IMG_CONTEXT> tokens a tile, (tile / patch)^2 x downsample_ratio^2, has one definition (the config's)."""
+    writers = [
+        str(path.relative_to(REPO))
+        for path in [*REPO.glob("internvl_chat/**/*.py"), *REPO.glob("tools/**/*.py")]
+        if "downsample_ratio**2" in path.read_text(encoding="utf-8").replace(" ", "")
+    ]
+    assert writers == ["internvl_chat/model/configuration_internvl_chat.py"]
+
+
+COMMANDS = (
+    "internvl-finetune",
+    "internvl-evaluate",
+    "internvl-merge-lora",
+    "internvl-validate-data",
+    "internvl-caption-report",
+    "internvl-score-captions",
+)
+
+
+def test_the_package_declares_the_user_commands():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(project["scripts"]) == set(COMMANDS)
+    for target in project["scripts"].values():
+        module, _, function = target.partition(":")
+        assert module.startswith("internvl_chat.cli.") and function == "main", target
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_explains_itself(command):
+    """The installed console entry points run: --help prints a usage line and exits 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    executable = Path(sys.executable).parent / command
+    if not executable.exists():
+        executable = Path(shutil.which(command) or executable)
+    assert executable.exists(), f"{command} is not installed: pip install -e . (tools/setup_env.sh does it)"
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and len(result.stdout.splitlines()) > 3

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from internvl_chat.model.checkpoint_files import CHAT_TEMPLATES, stop_token_ids
+from internvl_chat.checkpoint.serving_files import CHAT_TEMPLATES, stop_token_ids
+from internvl_chat.devkit.checkpoint import build_checkpoint
 from internvl_chat.model.configuration_internvl_chat import TESTED_TRANSFORMERS, check_transformers_version
-from internvl_chat.synthetic.checkpoint import build_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = json.loads((REPO / "tests/fixtures/reference/serving_fields.json").read_text())
@@ -44,7 +44,7 @@ def test_a_written_checkpoint_carries_the_originals_serving_fields(tmp_path, llm
     assert json.loads((folder / "config.json").read_text())["auto_map"] == FACTS["auto_map"]
     assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == facts["chat_template"]
     assert not (folder / "chat_template.jinja").exists()  # one copy, where the originals keep it
-    from internvl_chat.model.loader import load_tokenizer
+    from internvl_chat.checkpoint.loader import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     names = [token for token, _ in sorted(facts["token_ids"].items(), key=lambda item: item[1])]

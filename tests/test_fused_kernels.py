@@ -111,7 +111,7 @@ def test_kernels_round_like_the_reference():
 MODEL = r"""
 import json, sys, torch
 from internvl_chat.model import fused_kernels as fk
-from internvl_chat.model.loader import load_model
+from internvl_chat.checkpoint.loader import load_model
 model = load_model(sys.argv[1], dtype=torch.float16, device="cpu").eval()
 torch.manual_seed(0)
 pixel_values = torch.randn(2, 3, model.config.force_image_size, model.config.force_image_size)
@@ -135,7 +135,7 @@ print(json.dumps([float((fused - reference).abs().max()), float(reference.abs().
 
 
 def test_model_forward_with_kernels_matches_reference(tmp_path):
-    from internvl_chat.synthetic.checkpoint import build_checkpoint
+    from internvl_chat.devkit.checkpoint import build_checkpoint
 
     build_checkpoint(tmp_path / "tiny", seed=0, image_size=224)
     max_diff, scale, calls = run_interpreted(MODEL.replace("sys.argv[1]", repr(str(tmp_path / "tiny"))))
@@ -156,7 +156,7 @@ def test_model_forward_with_kernels_matches_reference(tmp_path):
 def test_6b_vit_forward_with_kernels_matches_reference(tmp_path):
     """The InternViT-6B layout (RMSNorm, QK-norm, no qkv bias): its norm2 goes through the residual + norm kernel
     with the layer scale, its norm1 and QK-norms through the same kernel without a residual."""
-    from internvl_chat.synthetic.checkpoint import build_checkpoint
+    from internvl_chat.devkit.checkpoint import build_checkpoint
 
     build_checkpoint(tmp_path / "tiny6b", vit="6b", seed=0, image_size=224)
     max_diff, scale, calls = run_interpreted(MODEL.replace("sys.argv[1]", repr(str(tmp_path / "tiny6b"))))

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from internvl_chat.checkpoint.loader import load_model, load_tokenizer
 from internvl_chat.data.collator import concat_pad_data_collator
 from internvl_chat.data.dataset import build_datasets
 from internvl_chat.data.preprocess import ConversationTokenizer
-from internvl_chat.model.loader import load_model, load_tokenizer
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.devkit.coco import make_synthetic_coco
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
-from internvl_chat.synthetic.checkpoint import build_checkpoint
-from internvl_chat.synthetic.coco import make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 MERGE = REPO / "tools/merge_lora.py"
@@ -161,8 +161,7 @@ def test_refusals(world, tmp_path):
 
 
 def test_not_enough_disk_is_refused(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "tools"))
-    import merge_lora
+    from internvl_chat.cli import merge_lora
 
     class Usage:
         free = 10 * 2**20

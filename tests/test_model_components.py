@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from internvl_chat.devkit.checkpoint import tiny_config_dict
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 from internvl_chat.model.modeling_internlm2 import (
@@ -16,7 +17,6 @@ from internvl_chat.model.modeling_internlm2 import (
     pad_keys_past_length,
 )
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
-from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
 
 def original_pixel_shuffle(x, scale_factor=0.5, ps_version="v2"):

@@ -59,7 +59,7 @@ def test_llm_lora_r128_parameter_line(reference_dir, capsys):
 
 @pytest.mark.parametrize("name", SIZES)
 def test_presets_match_the_original_configs(reference_dir, name):
-    from internvl_chat.model.presets import preset_config_dict
+    from internvl_chat.checkpoint.presets import preset_config_dict
 
     ref = load_reference(reference_dir, name)
     model = build_on_meta(preset_config_dict(name))

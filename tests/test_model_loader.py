@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from internvl_chat.model.checkpoint_folder import CheckpointError, check_checkpoint_folder
+from internvl_chat.checkpoint.folder import CheckpointError, check_checkpoint_folder
+from internvl_chat.checkpoint.loader import load_model, split_model_device_map
+from internvl_chat.checkpoint.presets import preset_config_dict
+from internvl_chat.devkit.checkpoint import build_checkpoint
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.loader import load_model, split_model_device_map
-from internvl_chat.model.presets import preset_config_dict
-from internvl_chat.synthetic.checkpoint import build_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from internvl_chat.model.loader import load_model, load_tokenizer
-from internvl_chat.synthetic.checkpoint import build_checkpoint
+from internvl_chat.checkpoint.loader import load_model, load_tokenizer
+from internvl_chat.devkit.checkpoint import build_checkpoint
 
 FAMILIES = [("internlm2", "300m"), ("internlm2", "6b"), ("qwen2", "300m"), ("phi3", "300m"), ("llama", "300m")]
 GREEDY = dict(max_new_tokens=12, min_new_tokens=8, do_sample=False, num_beams=1)

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from internvl_chat.model import conversation
-from internvl_chat.model.conversation import get_conv_template
-from internvl_chat.model.tokenization_internlm2 import InternLM2Tokenizer
-from internvl_chat.synthetic.tokenizer import (
+from internvl_chat.devkit.tokenizer import (
     INTERNLM2_CHAT_TOKENS,
     INTERNVL2_TOKENS,
     _train_sp_model,
     build_tiny_tokenizer,
 )
+from internvl_chat.model import conversation
+from internvl_chat.model.conversation import get_conv_template
+from internvl_chat.model.tokenization_internlm2 import InternLM2Tokenizer
 
 MODEL_DIR = Path(conversation.__file__).resolve().parent
 

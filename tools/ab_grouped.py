@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 LAUNCHER = "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
 MODES = {"faithful": [], "grouped": ["--group_by_image", "True", "--supervised_logits_only", "True"]}
@@ -46,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from internvl_chat.synthetic.coco import make_synthetic_coco
+    from internvl_chat.devkit.coco import make_synthetic_coco
 
     if not (REPO / args.model / "config.json").exists():
         run(

@@ -13,17 +13,14 @@ share of outputs not bit-identical; the decoding row is compared with fp32).
 
 import argparse
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from internvl_chat.eval.fast_captioner import fast_decode_attention  # noqa: E402
-from internvl_chat.model import fused_kernels  # noqa: E402
+from internvl_chat.eval.fast_captioner import fast_decode_attention
+from internvl_chat.model import fused_kernels
 
 
 def median_ms(function, repeats: int = 20) -> float:

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from internvl_chat.data.formats import ANNOTATIONS_FOLDER, KARPATHY_TEST_JSON
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 LAUNCHER = "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
 MODEL = "pretrained/InternVL2-tiny"
@@ -32,7 +33,7 @@ RUN = "work_dirs/internvl_chat_v2_0/demo_lora_coco"
 CHAT = """import sys, torch
 from transformers import AutoModel, AutoTokenizer
 from internvl_chat.data.transforms import load_image
-from internvl_chat.eval.caption_sets import CAPTION_PROMPT
+from internvl_chat.data.formats import CAPTION_PROMPT
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 pixel_values = load_image(sys.argv[2], image_size=model.config.force_image_size, max_num=model.config.max_dynamic_patch)
@@ -69,7 +70,7 @@ def latest_results(folder: Path) -> Path:
 
 def data_setup(args) -> tuple[Path, list[str]]:
     """The synthetic COCO goes to data/coco unless a real COCO is there; then to demo_out/data/coco."""
-    from internvl_chat.synthetic.coco import SCENES_JSON, make_synthetic_coco
+    from internvl_chat.devkit.coco import SCENES_JSON, make_synthetic_coco
 
     coco = REPO / "data/coco"
     root_args = []
@@ -181,7 +182,7 @@ def main() -> None:
 
     stage(6, "load the merged model with AutoModel and chat")
     data_root = Path(root_args[1]) if root_args else REPO
-    first = json.loads((data_root / "data/coco/annotations/coco_karpathy_test.json").read_text())[0]
+    first = json.loads((data_root / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_JSON).read_text())[0]
     picture = data_root / "data/coco" / first["image"]
     output = run(
         [sys.executable, "-c", CHAT, RUN + "_merged", str(picture)],

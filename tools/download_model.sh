@@ -29,7 +29,7 @@ MSG
     exit 1
 fi
 "$PYTHON" -c "
-import sys; sys.path.insert(0, '$repo')
-from internvl_chat.model.loader import check_checkpoint_folder
+import sys
+from internvl_chat.checkpoint.loader import check_checkpoint_folder
 check_checkpoint_folder('$target'); print('[download_model] $target is a complete InternVL2 checkpoint')
 " 2>/dev/null || echo "[download_model] downloaded to $target (not checked: run with the project's python to verify)"

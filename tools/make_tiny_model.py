@@ -7,16 +7,13 @@ python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # rand
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from internvl_chat.model.presets import PRESETS  # noqa: E402
-from internvl_chat.synthetic.checkpoint import LLM_TYPES, VIT_TYPES, build_checkpoint  # noqa: E402
+from internvl_chat.checkpoint.presets import PRESETS
+from internvl_chat.devkit.checkpoint import LLM_TYPES, VIT_TYPES, build_checkpoint
 
 
 def main() -> None:

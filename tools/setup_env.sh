@@ -1,5 +1,7 @@
 #!/bin/sh
-# Creates (or updates) the project's virtual environment in .venv.
+# Creates (or updates) the project's virtual environment in .venv: torch, requirements.txt (the library's),
+# requirements-test.txt (the test command's tools) and this repository as an editable package (pip install -e .,
+# which is what makes `internvl_chat` importable and the internvl-* commands exist).
 #   - a machine whose python3 already has a CUDA torch keeps it (venv with system site packages);
 #   - otherwise torch is installed first, alone, so that requirements.txt never pulls a CUDA build.
 # Idempotent: with nothing to install it returns in a fraction of a second, printing nothing.
@@ -32,10 +34,12 @@ highest=$(sed -n 's/^transformers>=\([0-9.]*\),<=\([0-9.]*\).*/\2/p' requirement
 NEWEST=${NEWEST:-$VENV-newest}
 
 stamp="$VENV/.requirements.sha256"
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing requirements.txt (transformers $lowest, the lowest tested)"
-    "$VENV/bin/python" -m pip install -q -r requirements.txt "transformers==$lowest"
+    echo "[setup] installing requirements.txt and requirements-test.txt (transformers $lowest, the lowest tested)"
+    "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-test.txt "transformers==$lowest"
+    echo "[setup] installing this repository as an editable package (pip install -e .)"
+    "$VENV/bin/python" -m pip install -q --no-deps -e .
     echo "$want" > "$stamp"
     "$VENV/bin/python" -c "from importlib.metadata import version; print('[setup]', ' | '.join(name + ' ' + version(name) for name in ('torch', 'transformers', 'peft', 'deepspeed')))"
 fi
@@ -46,7 +50,9 @@ if [ ! -f "$newest_stamp" ] || [ "$(cat "$newest_stamp")" != "$want" ]; then
     rm -rf "$NEWEST"
     "$VENV/bin/python" -m venv --without-pip "$NEWEST"
     site=$("$NEWEST/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    "$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/base_environment.pth"
+    # addsitedir, not a plain path line: .venv's own .pth files (the editable install's among them) take effect too
+    base=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "import site; site.addsitedir('$base')" > "$site/base_environment.pth"
     "$VENV/bin/python" -m pip install -q --no-deps --target "$site" "transformers==$highest"
     echo "$want" > "$newest_stamp"
 fi

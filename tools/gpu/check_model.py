@@ -7,18 +7,15 @@ format, loaded with our loader, and chats; prints and writes load time, generati
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from internvl_chat.eval.caption_sets import CAPTION_PROMPT  # noqa: E402
-from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
+from internvl_chat.checkpoint.loader import load_model, load_tokenizer
+from internvl_chat.data.formats import CAPTION_PROMPT
+from internvl_chat.devkit.checkpoint import build_checkpoint
 
 
 def timed(fn):

@@ -17,6 +17,8 @@ BATCH_SIZE=${BATCH_SIZE:-16}
 PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-4}
 work=${WORK:-/tmp/finetune_check}
 python=${PYTHON:-python3}
+# The device machine has no installed package: the checkout itself is importable.
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out" "$work"
 
 if [ ! -f "$work/InternVL2-2B/config.json" ]; then

@@ -13,6 +13,8 @@
 set -u
 out=${1:?usage: sh tools/gpu/launcher_modes_check.sh OUT_DIR}
 python=${PYTHON:-python3}
+# The device machine has no installed package: the checkout itself is importable.
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 RUNS=${RUNS:-faithful per_caption grouped}
 STEPS=${STEPS:-20}
 PROFILE=${PROFILE:-16,18}

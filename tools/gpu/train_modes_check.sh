@@ -8,6 +8,8 @@
 # (carry .whl). Leaves OUT_DIR/tests.txt, OUT_DIR/benchmark_train.txt and OUT_DIR/benchmark_train.json.
 set -u
 out=${1:?usage: sh tools/gpu/train_modes_check.sh OUT_DIR}
+# The device machine has no installed package: the checkout itself is importable.
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 work=${WORK:-/tmp/train_modes_check}
 mkdir -p "$out" "$work"

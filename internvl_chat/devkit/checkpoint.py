@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from ..model.checkpoint_files import complete_checkpoint_files
+from ..checkpoint.presets import TILING, VIT_6B, VIT_300M, preset_config_dict
+from ..checkpoint.serving_files import complete_checkpoint_files
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
-from ..model.presets import TILING, VIT_6B, VIT_300M, preset_config_dict
 from .tokenizer import build_tiny_tokenizer
 from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 

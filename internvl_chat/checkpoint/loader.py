@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_folder import check_checkpoint_folder
-from .configuration_internvl_chat import InternVLChatConfig
-from .modeling_internvl_chat import InternVLChatModel
-from .tokenization_internlm2 import InternLM2Tokenizer
+from ..model.configuration_internvl_chat import InternVLChatConfig
+from ..model.modeling_internvl_chat import InternVLChatModel
+from ..model.tokenization_internlm2 import InternLM2Tokenizer
+from .folder import check_checkpoint_folder
 
 
 def load_tokenizer(path: str | Path):

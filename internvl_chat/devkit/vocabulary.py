@@ -4,7 +4,7 @@ The synthetic caption generator draws scenes from these lists, and the tiny toke
 built from them, so every caption word is a short token sequence for the tiny model.
 """
 
-from ..eval.caption_sets import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
+from ..data.formats import CAPTION_PROMPT  # the evaluation prompt, also used by the train lines
 
 # name -> RGB; far enough apart that a frozen random ViT still separates them.
 COLORS = {
@@ -55,7 +55,7 @@ FILLER_WORDS = (
 # How a caption names a position: corners are "the top left corner", the middle is "the center".
 POSITION_PHRASES = {position: position if position == "center" else f"{position} corner" for position in POSITIONS}
 
-# Caption templates of the synthetic COCO (internvl_chat/synthetic/coco.py fills them in).
+# Caption templates of the synthetic COCO (internvl_chat/devkit/coco.py fills them in).
 # {things}: every group of shapes, e.g. "two red circles and a blue square"; {sized_things} the same with the size
 # of single shapes ("a large blue square"); {be}: "is" or "are" to agree with the first group;
 # {background}: the background colour. Kept short (about 8-14 words) so a generated caption fits the

@@ -1,6 +1,6 @@
 """torchrun, as the launchers start it, with torchrun's own failure report replaced by one line.
 
-  python -m internvl_chat.launch --nproc_per_node=2 internvl_chat/train/internvl_chat_finetune.py ARGS...
+  python -m internvl_chat.cli.launch --nproc_per_node=2 internvl_chat/cli/finetune.py ARGS...
 
 Takes torchrun's arguments and runs torchrun's own `run`. When a process fails, that process has already said why
 (a user error as one line, a bug as its traceback); torchrun would then add its own traceback and a
