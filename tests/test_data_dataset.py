@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 
 from internvl_chat.data.collator import concat_pad_data_collator
 from internvl_chat.data.dataset import build_datasets
-from internvl_chat.data.meta import MetaError, load_meta
+from internvl_chat.data.formats import MetaError, load_meta
 from internvl_chat.data.preprocess import IGNORE_INDEX, ConversationTokenizer, SampleError
 from internvl_chat.data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler, length_grouped_indices
+from internvl_chat.devkit.checkpoint import tiny_config_dict
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
-from internvl_chat.synthetic.checkpoint import tiny_config_dict
 
 PROMPT = "<image>\nProvide a one-sentence caption for the provided image."
 

@@ -1,4 +1,4 @@
-"""The synthetic COCO (internvl_chat/synthetic/coco.py), the data validator and tools/prepare_coco.sh."""
+"""The synthetic COCO (internvl_chat/devkit/coco.py), the data validator and tools/prepare_coco.sh."""
 
 import contextlib
 import functools
@@ -19,17 +19,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from internvl_chat.cli import validate_data
 from internvl_chat.data import validate
-from internvl_chat.synthetic import vocabulary
-from internvl_chat.synthetic.coco import (
-    IMAGE_SIZES,
-    TEST_GT_JSON,
-    TEST_JSON,
-    TRAIN_JSONL,
-    SyntheticCocoError,
-    load_scenes,
-    make_synthetic_coco,
+from internvl_chat.data.formats import (
+    KARPATHY_TEST_GT_JSON,
+    KARPATHY_TEST_JSON,
+    KARPATHY_TRAIN_JSONL,
+    image_id_from_name,
 )
+from internvl_chat.devkit import vocabulary
+from internvl_chat.devkit.coco import IMAGE_SIZES, SyntheticCocoError, load_scenes, make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TURN = "<image>\nProvide a one-sentence caption for the provided image."
@@ -51,7 +50,7 @@ def build_copy(coco: Path, tmp_path: Path) -> Path:
 
 
 def test_layout_and_counts(coco):
-    train_lines = (coco / "annotations" / TRAIN_JSONL).read_text().splitlines()
+    train_lines = (coco / "annotations" / KARPATHY_TRAIN_JSONL).read_text().splitlines()
     assert len(train_lines) == 60 * 5
     records = [json.loads(line) for line in train_lines]
     assert all(record["conversations"][0] == {"from": "human", "value": PROMPT_TURN} for record in records)
@@ -64,11 +63,11 @@ def test_layout_and_counts(coco):
         folder = name.split("/")[0]
         assert re.fullmatch(rf"{folder}/COCO_{folder}_\d{{12}}\.jpg", name), name
 
-    test = json.loads((coco / "annotations" / TEST_JSON).read_text())
+    test = json.loads((coco / "annotations" / KARPATHY_TEST_JSON).read_text())
     assert isinstance(test, list) and len(test) == 20
     assert all(entry["image"].startswith("val2014/COCO_val2014_") and len(entry["caption"]) == 5 for entry in test)
-    test_ids = {validate.image_id_from_name(entry["image"]) for entry in test}
-    train_ids = {validate.image_id_from_name(name) for name in train_images}
+    test_ids = {image_id_from_name(entry["image"]) for entry in test}
+    train_ids = {image_id_from_name(name) for name in train_images}
     assert len(test_ids) == 20 and not test_ids & train_ids
 
 
@@ -76,19 +75,19 @@ def test_ground_truth_loads_with_pycocotools(coco):
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(coco / "annotations" / TEST_GT_JSON))
-    test = json.loads((coco / "annotations" / TEST_JSON).read_text())
+        gt = COCO(str(coco / "annotations" / KARPATHY_TEST_GT_JSON))
+    test = json.loads((coco / "annotations" / KARPATHY_TEST_JSON).read_text())
     assert gt.dataset["type"] == "captions" and "info" in gt.dataset and "licenses" in gt.dataset
-    assert set(gt.getImgIds()) == {validate.image_id_from_name(entry["image"]) for entry in test}
+    assert set(gt.getImgIds()) == {image_id_from_name(entry["image"]) for entry in test}
     for entry in test:  # the gt captions are the test json's references, in order
-        image_id = validate.image_id_from_name(entry["image"])
+        image_id = image_id_from_name(entry["image"])
         assert [ann["caption"] for ann in gt.imgToAnns[image_id]] == entry["caption"]
         assert gt.imgs[image_id]["file_name"] == Path(entry["image"]).name
     assert len({ann["id"] for ann in gt.dataset["annotations"]}) == 100
 
 
 def test_synthetic_set_passes_the_validator(coco, capsys):
-    assert validate.main(["--root", str(coco), "--quiet"]) == 0
+    assert validate_data.main(["--root", str(coco), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "lines 300" in out and "unique images 60" in out and "OK" in out
 
@@ -183,10 +182,10 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     # A folder that is not a synthetic build (a real download, say) is never touched, even with --force.
     real = tmp_path / "real"
     (real / "annotations").mkdir(parents=True)
-    (real / "annotations" / TRAIN_JSONL).write_text("{}\n")
+    (real / "annotations" / KARPATHY_TRAIN_JSONL).write_text("{}\n")
     with pytest.raises(SyntheticCocoError, match="not a synthetic build"):
         make_synthetic_coco(real, train_images=4, test_images=2, force=True)
-    assert (real / "annotations" / TRAIN_JSONL).read_text() == "{}\n"
+    assert (real / "annotations" / KARPATHY_TRAIN_JSONL).read_text() == "{}\n"
 
 
 def test_cli_writes_summary_and_meta(tmp_path):
@@ -227,9 +226,9 @@ def test_cli_writes_summary_and_meta(tmp_path):
 
 def test_validator_catches_a_corrupt_jpeg(coco, tmp_path):
     root = build_copy(coco, tmp_path)
-    test_image = json.loads((root / "annotations" / TEST_JSON).read_text())[3]["image"]
+    test_image = json.loads((root / "annotations" / KARPATHY_TEST_JSON).read_text())[3]["image"]
     (root / test_image).write_bytes(b"this is not a JPEG")
-    train_line = (root / "annotations" / TRAIN_JSONL).read_text().splitlines()[11]
+    train_line = (root / "annotations" / KARPATHY_TRAIN_JSONL).read_text().splitlines()[11]
     train_image = json.loads(train_line)["image"]
     data = (root / train_image).read_bytes()
     (root / train_image).write_bytes(data[: len(data) // 2])  # a download cut in half: verify() alone misses it
@@ -239,22 +238,22 @@ def test_validator_catches_a_corrupt_jpeg(coco, tmp_path):
     # Reported at the first line that uses the image.
     first_use = next(
         number
-        for number, line in enumerate((root / "annotations" / TRAIN_JSONL).read_text().splitlines(), 1)
+        for number, line in enumerate((root / "annotations" / KARPATHY_TRAIN_JSONL).read_text().splitlines(), 1)
         if json.loads(line)["image"] == train_image
     )
-    assert any(f"{TRAIN_JSONL}:{first_use}: {train_image}: image cannot be read" in error for error in report.errors), (
-        report.errors
-    )
+    assert any(
+        f"{KARPATHY_TRAIN_JSONL}:{first_use}: {train_image}: image cannot be read" in error for error in report.errors
+    ), report.errors
 
 
 def test_validator_catches_a_missing_image(coco, tmp_path, capsys):
     root = build_copy(coco, tmp_path)
-    lines = (root / "annotations" / TRAIN_JSONL).read_text().splitlines()
+    lines = (root / "annotations" / KARPATHY_TRAIN_JSONL).read_text().splitlines()
     missing = json.loads(lines[0])["image"]
     (root / missing).unlink()
-    assert validate.main(["--root", str(root), "--quiet"]) == 1
+    assert validate_data.main(["--root", str(root), "--quiet"]) == 1
     captured = capsys.readouterr()
-    assert f"{TRAIN_JSONL}:1: {missing}: image not found" in captured.err
+    assert f"{KARPATHY_TRAIN_JSONL}:1: image {missing} not found under {root}" in captured.err
     assert "FAILED" in captured.err
 
 
@@ -262,9 +261,11 @@ def test_validator_catches_a_missing_image(coco, tmp_path, capsys):
     "bad_line, reason",
     [
         ("{not json", "not valid JSON"),
-        ("", "empty line"),
-        ('{"conversations": [{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "x"}]}', "'image'"),
-        ('{"image": "train2014/x.jpg", "conversations": [{"from": "gpt", "value": "x"}]}', "alternate"),
+        (
+            '{"conversations": [{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "x"}]}',
+            "1 <image> placeholder(s) for 0 image(s)",
+        ),
+        ('{"image": "train2014/x.jpg", "conversations": [{"from": "gpt", "value": "x"}]}', "no human turn"),
         (
             '{"image": "train2014/x.jpg", "conversations": [{"from": "human", "value": "a"}, '
             '{"from": "human", "value": "b"}]}',
@@ -274,11 +275,11 @@ def test_validator_catches_a_missing_image(coco, tmp_path, capsys):
 )
 def test_validator_names_the_bad_jsonl_line(coco, tmp_path, capsys, bad_line, reason):
     root = build_copy(coco, tmp_path)
-    jsonl = root / "annotations" / TRAIN_JSONL
+    jsonl = root / "annotations" / KARPATHY_TRAIN_JSONL
     lines = jsonl.read_text().splitlines()
     lines.insert(41, bad_line)  # becomes line 42
     jsonl.write_text("\n".join(lines) + "\n")
-    assert validate.main(["--root", str(root), "--quiet"]) == 1
+    assert validate_data.main(["--root", str(root), "--quiet"]) == 1
     err = capsys.readouterr().err
     first = err.split("first: ", 1)[1]
     assert first.startswith(f"{jsonl}:42: ") and reason in first, err
@@ -289,7 +290,7 @@ def test_validator_checks_the_meta_file(coco, tmp_path, capsys):
     assert shipped == {
         "coco_karpathy_train_567k": {
             "root": "data/coco/",
-            "annotation": "data/coco/annotations/coco_karpathy_train_567k.jsonl",
+            "annotation": f"data/coco/annotations/{KARPATHY_TRAIN_JSONL}",
             "data_augment": False,
             "repeat_time": 1,
             "length": 566747,
@@ -298,27 +299,29 @@ def test_validator_checks_the_meta_file(coco, tmp_path, capsys):
     # The shipped meta, pointed at the synthetic build: valid, with a warning about its length.
     meta = tmp_path / "meta.json"
     entry = dict(
-        shipped["coco_karpathy_train_567k"], root=str(coco) + "/", annotation=str(coco / "annotations" / TRAIN_JSONL)
+        shipped["coco_karpathy_train_567k"],
+        root=str(coco) + "/",
+        annotation=str(coco / "annotations" / KARPATHY_TRAIN_JSONL),
     )
     meta.write_text(json.dumps({"coco_karpathy_train_567k": entry}))
-    assert validate.main(["--meta", str(meta), "--quiet"]) == 0
+    assert validate_data.main(["--meta", str(meta), "--quiet"]) == 0
     assert "length is 566747 but" in capsys.readouterr().out
     # An annotation that is not .jsonl, and a root that does not exist, are errors.
-    meta.write_text(json.dumps({"coco": dict(entry, annotation=str(coco / "annotations" / TEST_JSON))}))
-    assert validate.main(["--meta", str(meta), "--quiet"]) == 1
+    meta.write_text(json.dumps({"coco": dict(entry, annotation=str(coco / "annotations" / KARPATHY_TEST_JSON))}))
+    assert validate_data.main(["--meta", str(meta), "--quiet"]) == 1
     assert "must be a .jsonl" in capsys.readouterr().err
     meta.write_text(json.dumps({"coco": dict(entry, root=str(tmp_path / "nowhere"))}))
-    assert validate.main(["--meta", str(meta), "--quiet"]) == 1
-    assert "is not a folder" in capsys.readouterr().err
+    assert validate_data.main(["--meta", str(meta), "--quiet"]) == 1
+    assert f"image root {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 def test_validator_checks_test_and_gt(coco, tmp_path):
     root = build_copy(coco, tmp_path)
-    gt_path = root / "annotations" / TEST_GT_JSON
+    gt_path = root / "annotations" / KARPATHY_TEST_GT_JSON
     gt = json.loads(gt_path.read_text())
     dropped = gt["images"].pop(0)["id"]
     gt_path.write_text(json.dumps(gt))
-    test_path = root / "annotations" / TEST_JSON
+    test_path = root / "annotations" / KARPATHY_TEST_JSON
     test = json.loads(test_path.read_text())
     test[1]["caption"] = []
     test_path.write_text(json.dumps(test))
@@ -412,8 +415,8 @@ def test_prepare_coco_downloads_unpacks_validates_and_resumes(coco, tmp_path, do
             for image in sorted((coco / folder).iterdir()):
                 archive.write(image, f"{folder}/{image.name}")
     with zipfile.ZipFile(served / "data" / "coco_karpathy_train_567k.zip", "w") as archive:
-        archive.write(coco / "annotations" / TRAIN_JSONL, TRAIN_JSONL)
-    for name in (TEST_JSON, TEST_GT_JSON):
+        archive.write(coco / "annotations" / KARPATHY_TRAIN_JSONL, KARPATHY_TRAIN_JSONL)
+    for name in (KARPATHY_TEST_JSON, KARPATHY_TEST_GT_JSON):
         shutil.copy(coco / "annotations" / name, served / "data" / name)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
@@ -433,7 +436,9 @@ def test_prepare_coco_downloads_unpacks_validates_and_resumes(coco, tmp_path, do
         first = run_prepare(env)
         assert first.returncode == 0, first.stdout + first.stderr
         assert "OK: the data is ready" in first.stdout
-        assert (root / "annotations" / TRAIN_JSONL).read_bytes() == (coco / "annotations" / TRAIN_JSONL).read_bytes()
+        assert (root / "annotations" / KARPATHY_TRAIN_JSONL).read_bytes() == (
+            coco / "annotations" / KARPATHY_TRAIN_JSONL
+        ).read_bytes()
         assert len(list((root / "train2014").iterdir())) == len(list((coco / "train2014").iterdir()))
         assert not list(root.rglob("*.part"))
 
@@ -470,5 +475,5 @@ def test_prepare_coco_reports_a_missing_file(tmp_path):
         server.shutdown()
         server.server_close()
     assert result.returncode != 0
-    assert f"downloading {base}/data/coco_karpathy_test.json failed" in result.stderr, result.stderr
-    assert not (root / "annotations" / TEST_JSON).exists()
+    assert f"downloading {base}/data/{KARPATHY_TEST_JSON} failed" in result.stderr, result.stderr
+    assert not (root / "annotations" / KARPATHY_TEST_JSON).exists()

@@ -6,9 +6,8 @@ train2014/ and val2014/ JPEGs plus the three annotation files the fine-tune and 
 
   OUT/train2014/COCO_train2014_%012d.jpg       train images
   OUT/val2014/COCO_val2014_%012d.jpg           test images and the "restval" part of train
-  OUT/annotations/coco_karpathy_train_567k.jsonl
-  OUT/annotations/coco_karpathy_test.json
-  OUT/annotations/coco_karpathy_test_gt.json
+  OUT/annotations/                             the Karpathy train jsonl, test json and test ground truth,
+                                               named as in the real download
   OUT/synthetic_scenes.json                    what each picture shows (not read by the pipeline)
 
 The same flags always give byte-identical files. Examples:
@@ -16,16 +15,13 @@ The same flags always give byte-identical files. Examples:
   python tools/make_synthetic_coco.py                                   # data/coco, 300 train + 100 test images
   python tools/make_synthetic_coco.py --out data/coco_small --train-images 64 --test-images 16 \\
       --meta data/coco_small/coco_caption.json                          # and a meta file for the launcher
-  python -m internvl_chat.data.validate --root data/coco                # check the result
+  internvl-validate-data --root data/coco                # check the result
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from internvl_chat.synthetic.coco import SyntheticCocoError, make_synthetic_coco  # noqa: E402
+from internvl_chat.devkit.coco import SyntheticCocoError, make_synthetic_coco
 
 
 def positive_int(text: str) -> int:

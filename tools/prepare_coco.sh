@@ -15,7 +15,7 @@ Downloads into $COCO_ROOT (default data/coco), the layout the fine-tune and eval
   annotations/coco_karpathy_test.json          5,000 test images with their reference captions
   annotations/coco_karpathy_test_gt.json       the same references in COCO format, for pycocotools
 
-then runs `python -m internvl_chat.data.validate --root $COCO_ROOT`.
+then runs `python -m internvl_chat.cli.validate_data --root $COCO_ROOT`.
 
 Resumable: run it again after an interruption. Partial downloads (*.part) continue where they stopped,
 finished archives are not fetched again, and an archive is unpacked only once (markers in
@@ -276,8 +276,8 @@ if [ "$VALIDATE" = 1 ]; then
     "$PYTHON" -c 'import PIL, pycocotools, tqdm' 2>/dev/null ||
         die "cannot validate: $PYTHON lacks pillow/pycocotools/tqdm; set up the environment" \
             "(sh tools/setup_env.sh) or set PYTHON, then rerun (the downloads are kept)"
-    log "validating (python -m internvl_chat.data.validate --root $COCO_ROOT)"
-    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m internvl_chat.data.validate \
+    log "validating (internvl-validate-data --root $COCO_ROOT)"
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m internvl_chat.cli.validate_data \
         --root "$COCO_ROOT" --workers "$VALIDATE_WORKERS" ||
         die "the downloaded data did not validate (see the messages above)"
 fi

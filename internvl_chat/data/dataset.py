@@ -3,9 +3,10 @@
 An item is one jsonl line: the image(s) tiled and transformed, the conversation tokenized with the label mask.
 A bad line is reported with its file and line number; in strict mode it stops the run, otherwise it is skipped
 and counted, so that one broken line among half a million does not kill a multi-hour job. Lines that are bad on
-their face (unparsable JSON, no conversation, a missing image) are screened out once, when the dataset is built
-(data/meta.py), with one summary; those found only when loading (an image that does not decode, a malformed
-conversation, a sample too long) are skipped then, the next line taken instead, each reported once.
+their face (data/formats.py's verdict: unparsable JSON, a malformed conversation, placeholders that do not match
+the images, a missing image) are screened out once, when the dataset is built (data/meta.py), with one summary;
+those found only when loading (an image that does not decode, a sample too long) are skipped then, the next line
+taken instead, each reported once.
 """
 
 import bisect
@@ -22,8 +23,9 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..model.conversation import IMAGE_PLACEHOLDER
-from .meta import MetaError, load_meta, screen_annotation
-from .preprocess import ConversationTokenizer, SampleError
+from .formats import CachedFileLookup, ConversationLine, MetaEntry, SampleError, load_meta, read_line
+from .meta import screen_annotation
+from .preprocess import ConversationTokenizer
 from .transforms import ImageError, TileTransform, image_to_pixel_values, open_image
 
 logger = logging.getLogger(__name__)
@@ -32,20 +34,16 @@ MAX_SKIPS_IN_A_ROW = 20
 
 
 def apply_repeat_time(records: list, repeat_time: float) -> list:
-    """repeat_time < 1 keeps the first fraction; an integer > 1 repeats the whole list."""
+    """repeat_time < 1 keeps the first fraction; a whole number repeats the whole list (MetaEntry allows no other)."""
     if repeat_time < 1:
         return records[: int(len(records) * repeat_time)]
-    if repeat_time != int(repeat_time):
-        raise MetaError(f"repeat_time must be < 1 or a whole number, got {repeat_time}")
     return records * int(repeat_time)
 
 
 class SupervisedDataset(Dataset):
     def __init__(
         self,
-        name: str,
-        root: str | Path,
-        annotation: str | Path,
+        entry: MetaEntry,
         conversation_tokenizer: ConversationTokenizer,
         max_dynamic_patch: int,
         image_size: int = 448,
@@ -53,32 +51,32 @@ class SupervisedDataset(Dataset):
         use_thumbnail: bool = True,
         min_dynamic_patch: int = 1,
         normalize_type: str = "imagenet",
-        data_augment: bool = False,
-        repeat_time: float = 1,
         seed: int = 42,
         strict: bool = False,
         show_progress: bool = False,
     ):
-        self.name = name
-        self.root = Path(root)
-        self.annotation = Path(annotation)
+        """max_dynamic_patch: the run's tile limit, unless the entry sets its own."""
+        self.name = entry.name
+        self.root = entry.root
+        self.annotation = entry.annotation
         self.tokenizer = conversation_tokenizer
         self.dynamic_image_size = dynamic_image_size
         self.use_thumbnail = use_thumbnail
         self.min_dynamic_patch = min_dynamic_patch
-        self.max_dynamic_patch = max_dynamic_patch
-        self.transform = TileTransform(image_size, normalize_type, augment=data_augment)
+        self.max_dynamic_patch = entry.max_dynamic_patch if entry.max_dynamic_patch is not None else max_dynamic_patch
+        self.transform = TileTransform(image_size, normalize_type, augment=entry.data_augment)
         self.seed = seed
         self.strict = strict
         self.reported: set[int] = set()  # line numbers this process has reported while loading
+        self.exists = CachedFileLookup()
         screened = screen_annotation(self.annotation, self.root, show_progress)
         if screened.problems:
             if strict:
                 raise SampleError(screened.summary() + "; fix them, or leave out --strict_data to skip them")
             logger.warning("%s; they are skipped", screened.summary())
         self.skipped = len(screened.problems)
-        self.records = apply_repeat_time(screened.records, repeat_time)
-        logger.info("dataset %s: %d samples from %s", name, len(self.records), self.annotation)
+        self.records = apply_repeat_time(screened.records, entry.repeat_time)
+        logger.info("dataset %s: %d samples from %s", self.name, len(self.records), self.annotation)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -86,20 +84,15 @@ class SupervisedDataset(Dataset):
     def where(self, index: int) -> str:
         return f"{self.annotation}:{self.records[index][0]}"
 
-    def parse(self, index: int) -> dict:
-        try:
-            item = json.loads(self.records[index][1])
-        except json.JSONDecodeError as error:
-            raise SampleError(f"not valid JSON ({error.msg} at column {error.colno})") from error
-        if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
-            raise SampleError("a line must be a JSON object with a 'conversations' list")
-        return item
+    def parse(self, index: int) -> ConversationLine:
+        """The line's verdict again (screening kept only the raw bytes): usable, or a SampleError saying why."""
+        verdict = read_line(self.records[index][1], self.root, self.exists)
+        if isinstance(verdict, str):
+            raise SampleError(verdict)
+        return verdict
 
-    def image_paths(self, item: dict) -> list[Path]:
-        image = item.get("image")
-        if not image:
-            return []
-        return [self.root / name for name in ([image] if isinstance(image, str) else image)]
+    def image_paths(self, line: ConversationLine) -> list[Path]:
+        return [self.root / name for name in line.images]
 
     def estimated_lengths(self) -> list[int]:
         """Token-length estimates for the length-grouped sampler: the line's own `length` when present,
@@ -107,19 +100,19 @@ class SupervisedDataset(Dataset):
         tokens of the most tiles the sample can have."""
         per_image = self.tokenizer.num_image_token * (self.max_dynamic_patch + int(self.use_thumbnail))
         cache, lengths = {}, []
-        for _, raw in self.records:
+        for index in range(len(self.records)):
             try:
-                item = json.loads(raw)
-            except json.JSONDecodeError:
+                line = self.parse(index)
+            except SampleError:  # gone since screening: loading will skip it
                 lengths.append(1)
                 continue
-            if "length" in item:
-                lengths.append(int(item["length"]))
+            if line.length is not None:
+                lengths.append(line.length)
                 continue
-            text = "\n".join(str(turn.get("value", "")) for turn in item.get("conversations", []))
+            text = "\n".join(text for _, text in line.turns)
             if len(text) not in cache:
                 cache[len(text)] = len(self.tokenizer.tokenizer(text)["input_ids"])
-            lengths.append(cache[len(text)] + per_image * len(self.image_paths(item)))
+            lengths.append(cache[len(text)] + per_image * len(line.images))
         return lengths
 
     def __getitem__(self, index: int) -> dict:
@@ -138,35 +131,34 @@ class SupervisedDataset(Dataset):
                 index = (index + 1) % len(self)
         raise SampleError(
             f"{MAX_SKIPS_IN_A_ROW} bad samples in a row near {self.where(index)}; "
-            f"check the file with python -m internvl_chat.data.validate"
+            f"check the file with internvl-validate-data"
         )
 
     def build(self, index: int, pictures: tuple[torch.Tensor, list[int]] | None = None) -> dict:
         """One sample. `pictures` (pixel values, tiles per image) stand in for loading the item's images: the
         other captions of a picture whose first caption loaded them."""
-        item = self.parse(index)
-        conversations = [dict(turn) for turn in item["conversations"]]
-        paths = self.image_paths(item)
+        line = self.parse(index)
+        turns = list(line.turns)
+        paths = self.image_paths(line)
         if paths:
-            placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations)
-            if placeholders == 0:
+            if not any(IMAGE_PLACEHOLDER in text for _, text in turns):  # the line leaves their place to us
                 prefix = (
                     f"{IMAGE_PLACEHOLDER}\n"
                     if len(paths) == 1
                     else "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(paths)))
                 )
-                conversations[0]["value"] = prefix + str(conversations[0].get("value", ""))
+                turns[0] = (turns[0][0], prefix + turns[0][1])
             pixel_values, num_tiles = pictures if pictures is not None else self.load_pictures(paths, index)
             image_flags = torch.ones(len(pixel_values), dtype=torch.long)
         else:
             dummy = Image.new("RGB", (TEXT_ONLY_IMAGE_SIZE, TEXT_ONLY_IMAGE_SIZE), (255, 255, 255))
             pixel_values = image_to_pixel_values(dummy, self.transform, dynamic=False)
             num_tiles, image_flags = [], torch.zeros(1, dtype=torch.long)
-        sample = self.tokenizer(conversations, num_tiles)
+        sample = self.tokenizer.encode(turns, num_tiles)
         if sample.mismatch:
             logger.warning("%s: tokenization mismatch, the sample's labels are all ignored", self.where(index))
         # which picture this is, so a collator can put the captions of one picture together
-        image_key = zlib.crc32(json.dumps(item.get("image")).encode()) if paths else -1 - index
+        image_key = zlib.crc32(json.dumps(line.images).encode()) if paths else -1 - index
         return {
             **sample.as_dict(),
             "pixel_values": pixel_values,
@@ -203,10 +195,10 @@ class SupervisedDataset(Dataset):
     def picture_of(self, index: int) -> str:
         """Which picture a line shows (its image field); text-only and unreadable lines are pictures of their own."""
         try:
-            image = self.parse(index).get("image")
+            images = self.parse(index).images
         except SampleError:
             return f"bad:{index}"
-        return json.dumps(image) if image else f"text:{index}"
+        return json.dumps(images) if images else f"text:{index}"
 
     def items_of_one_picture(self, indices: list[int]) -> list[dict]:
         if len(indices) > 1:
@@ -262,21 +254,7 @@ def image_groups(dataset: ConcatDataset) -> list[list[int]]:
 def build_datasets(
     meta_path: str | Path, conversation_tokenizer: ConversationTokenizer, data_root: str | Path | None = None, **options
 ) -> ConcatDataset:
-    """One SupervisedDataset per meta entry (an entry's max_dynamic_patch overrides the option), concatenated."""
-    datasets = []
-    for name, entry in load_meta(meta_path, data_root).items():
-        entry_options = dict(options)
-        if "max_dynamic_patch" in entry:
-            entry_options["max_dynamic_patch"] = entry["max_dynamic_patch"]
-        datasets.append(
-            SupervisedDataset(
-                name,
-                entry["root"],
-                entry["annotation"],
-                conversation_tokenizer,
-                data_augment=bool(entry.get("data_augment", False)),
-                repeat_time=entry.get("repeat_time", 1),
-                **entry_options,
-            )
-        )
-    return ConcatDataset(datasets)
+    """One SupervisedDataset per meta entry, concatenated."""
+    return ConcatDataset(
+        [SupervisedDataset(entry, conversation_tokenizer, **options) for entry in load_meta(meta_path, data_root)]
+    )

@@ -19,14 +19,9 @@ from ..model.conversation import (
     IMG_START_TOKEN,
     get_conv_template,
 )
+from .formats import SampleError, clean_conversation
 
 IGNORE_INDEX = -100
-HUMAN_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant")
-
-
-class SampleError(ValueError):
-    """A sample that cannot be trained on (bad conversation, too long, ...)."""
 
 
 @dataclass
@@ -44,28 +39,6 @@ class TokenizedSample:
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
         }
-
-
-def clean_conversation(conversations: list[dict]) -> list[tuple[str, str]]:
-    """[(role, text)] with the original's rules: a leading non-human turn is dropped, values are stripped,
-    turns alternate human/assistant."""
-    turns = list(conversations)
-    if turns and turns[0].get("from") not in HUMAN_ROLES:
-        turns = turns[1:]
-    if not turns:
-        raise SampleError("the conversation has no human turn")
-    cleaned = []
-    for index, turn in enumerate(turns):
-        speaker, value = turn.get("from"), turn.get("value")
-        expected = HUMAN_ROLES if index % 2 == 0 else ASSISTANT_ROLES
-        if speaker not in expected:
-            raise SampleError(f"turn {index} is from {speaker!r}; turns must alternate human/gpt")
-        if not isinstance(value, str):
-            raise SampleError(f"turn {index} has no text value")
-        cleaned.append(("human" if index % 2 == 0 else "gpt", value.strip()))
-    if any(role == "gpt" and not text for role, text in cleaned):
-        raise SampleError("an answer (gpt turn) is empty")
-    return cleaned
 
 
 class ConversationTokenizer:
@@ -114,7 +87,10 @@ class ConversationTokenizer:
 
     def __call__(self, conversations: list[dict], num_tiles: list[int]) -> TokenizedSample:
         """num_tiles: tiles of each image, in the order the <image> placeholders appear."""
-        turns = clean_conversation(conversations)
+        return self.encode(clean_conversation(conversations), num_tiles)
+
+    def encode(self, turns: list[tuple[str, str]], num_tiles: list[int]) -> TokenizedSample:
+        """A conversation already cleaned (formats.clean_conversation: (human | gpt, text) turns)."""
         collapsed = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
         rendered = self.render(turns)
         if rendered.count(IMAGE_PLACEHOLDER) != len(num_tiles):

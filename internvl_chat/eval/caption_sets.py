@@ -5,9 +5,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.validate import image_id_from_name
-
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+from ..data.formats import (
+    ANNOTATIONS_FOLDER,
+    CAPTION_PROMPT,  # noqa: F401  (re-exported until the caption API moves)
+    KARPATHY_TEST_GT_JSON,
+    KARPATHY_TEST_JSON,
+    image_id_from_name,
+    write_ground_truth,
+)
 
 
 @dataclass(frozen=True)
@@ -22,8 +27,8 @@ class CaptionSet:
 CAPTION_SETS = {
     "coco": CaptionSet(
         "data/coco/",
-        "data/coco/annotations/coco_karpathy_test.json",
-        "data/coco/annotations/coco_karpathy_test_gt.json",
+        f"data/coco/{ANNOTATIONS_FOLDER}/{KARPATHY_TEST_JSON}",
+        f"data/coco/{ANNOTATIONS_FOLDER}/{KARPATHY_TEST_GT_JSON}",
     ),
     "flickr30k": CaptionSet("data/flickr30k/", "data/flickr30k/test_karpathy.json", None),
     "nocaps": CaptionSet(
@@ -32,7 +37,7 @@ CAPTION_SETS = {
 }
 
 
-def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple[list[dict], Path]:
+def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple[list[dict], Path | None]:
     """[{image (path), image_id}] in file order, and the ground-truth json (written next to the results for
     sets without one)."""
     base = Path(data_root) if data_root else Path(".")
@@ -61,20 +66,5 @@ def read_entries(caption_set: CaptionSet, data_root: str | None = None) -> tuple
 
 
 def ground_truth_from_entries(entries: list[dict], path: Path) -> Path:
-    """A COCO-format gt file built from the annotation's reference captions."""
-    annotations = [
-        {"image_id": e["image_id"], "caption": caption, "id": index}
-        for index, (e, caption) in enumerate((e, c) for e in entries for c in e["captions"])
-    ]
-    path.write_text(
-        json.dumps(
-            {
-                "info": {},
-                "licenses": [],
-                "type": "captions",
-                "images": [{"id": e["image_id"]} for e in entries],
-                "annotations": annotations,
-            }
-        )
-    )
-    return path
+    """A COCO-format gt file built from the annotation's reference captions, for sets that ship none."""
+    return write_ground_truth(path, [({"id": entry["image_id"]}, entry["captions"]) for entry in entries])
