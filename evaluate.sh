@@ -3,9 +3,9 @@
 #   GPUS=4 sh evaluate.sh pretrained/InternVL2-2B caption-coco --dynamic
 #   GPUS=4 sh evaluate.sh work_dirs/internvl_chat_v2_0/<run> caption-coco --dynamic --batch-size 16
 # Tasks: caption-coco, caption-flickr30k, caption-nocaps, caption (all three). Options go to
-# internvl_chat/eval/evaluate_caption.py (--dynamic, --max-dynamic-patch, --num-beams, --temperature, --out-dir, --seed,
+# internvl_chat/cli/evaluate.py (--dynamic, --max-dynamic-patch, --num-beams, --temperature, --out-dir, --seed,
 # --auto, --batch-size, --data-root, --spice, --skip-scoring). Environment: GPUS [every GPU there is; 1 process on a
-# machine without GPU], MASTER_PORT [a free one], PYTHON, TORCHRUN [python -m internvl_chat.launch]. The checkpoint
+# machine without GPU], MASTER_PORT [a free one], PYTHON, TORCHRUN [python -m internvl_chat.cli.launch]. The checkpoint
 # path may be relative or absolute.
 set -eu
 
@@ -38,18 +38,18 @@ if [ "$available" -gt 0 ] && [ "$GPUS" -gt "$available" ]; then
 fi
 
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-entry="$repo/internvl_chat/eval/evaluate_caption.py"
-# The checkpoint, the test sets and Java, checked before any process starts.
-"$PYTHON" -m internvl_chat.eval.inputs --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@" || exit $?
+entry="-m internvl_chat.cli.evaluate"
+# The checkpoint, the test sets and Java, checked before any process starts: every problem, one a line.
+"$PYTHON" -m internvl_chat.cli.evaluate_arguments --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@" || exit $?
 [ "$available" -gt 0 ] || echo "[evaluate.sh] no GPU found: captioning on the CPU with $GPUS process(es), float32"
 
 port=""
 [ -z "${MASTER_PORT:-}" ] || port="--master_port=$MASTER_PORT"  # else torchrun takes a free one
 # shellcheck disable=SC2086  # port is one word or none
 if [ -n "${TORCHRUN:-}" ]; then
-    set -- "$TORCHRUN" --nnodes=1 --nproc_per_node="$GPUS" $port "$entry" --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
+    set -- "$TORCHRUN" --nnodes=1 --nproc_per_node="$GPUS" $port $entry --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
 else
-    set -- "$PYTHON" -m internvl_chat.launch --nnodes=1 --nproc_per_node="$GPUS" $port \
-        "$entry" --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
+    set -- "$PYTHON" -m internvl_chat.cli.launch --nnodes=1 --nproc_per_node="$GPUS" $port \
+        $entry --checkpoint "$CHECKPOINT" --datasets "$DATASETS" "$@"
 fi
 exec "$@"

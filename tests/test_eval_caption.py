@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from internvl_chat.data.formats import ANNOTATIONS_FOLDER, KARPATHY_TEST_GT_JSON, KARPATHY_TEST_JSON
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.devkit.coco import make_synthetic_coco
 from internvl_chat.eval.scoring import ScoringError, score_captions
-from internvl_chat.synthetic.checkpoint import build_checkpoint
-from internvl_chat.synthetic.coco import make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_metric_block_and_files(world, one_by_one):
     results, stdout, out = one_by_one
     expected_ids = [
         int(e["image"].split("_")[-1][:-4])
-        for e in json.loads((world / "data/coco/annotations/coco_karpathy_test.json").read_text())
+        for e in json.loads((world / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_JSON).read_text())
     ]
     assert [r["image_id"] for r in results] == expected_ids  # dataset order
     for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
@@ -92,6 +93,36 @@ def test_fast_engine_gives_the_captions_of_batch_1(world, one_by_one, attention)
     assert fast == one_by_one[0]
 
 
+def test_the_fast_captioner_in_process_gives_the_captions_of_chat(world, one_by_one):
+    """Through the library as the entry point calls it: the fast engine batches the shard by tile count, and
+    generate_captions returns the captions of the original path's chat() (the evaluate.sh run above) in dataset
+    order."""
+    import torch
+
+    from internvl_chat.checkpoint.loader import load_model, load_tokenizer
+    from internvl_chat.eval.caption_data import CaptionImages
+    from internvl_chat.eval.caption_sets import CAPTION_SETS, read_entries
+    from internvl_chat.eval.captioner import build_captioner, choose_engine
+    from internvl_chat.eval.fast_captioner import fast_engine_attention
+    from internvl_chat.eval.generation import generate_captions
+
+    checkpoint = world / "pretrained/InternVL2-tiny"
+    model = load_model(checkpoint, dtype=torch.float32, device="cpu", attn_implementation=fast_engine_attention(None))
+    choice = choose_engine(model.config, "auto", 1, 0.0, True, 4)
+    assert choice.engine == "fast"
+    entries, _ = read_entries(CAPTION_SETS["coco"], str(world))
+    dataset = CaptionImages.for_model(entries, model.config, dynamic=True, max_dynamic_patch=6)
+    captioner = build_captioner(choice, model, load_tokenizer(checkpoint), 30, 8)
+    shard = list(range(len(dataset)))
+    counts = dataset.tile_counts()
+    batches = captioner.batches(dataset, shard)
+    assert sorted(index for batch in batches for index in batch) == shard
+    assert all(len({counts[index] for index in batch}) == 1 and len(batch) <= 4 for batch in batches)
+    assert len(set(counts)) > 1  # so the batches take the pictures out of dataset order
+    ids, captions, _, _ = generate_captions(dataset, captioner, shard, torch.device("cpu"), torch.float32, 0)
+    assert [{"image_id": i, "caption": c} for i, c in zip(ids, captions)] == one_by_one[0]
+
+
 def test_two_processes_give_the_results_of_one(world, one_by_one):
     sharded, stdout, _ = evaluate(world, 2, "--batch-size", "3")  # the default engine: fast
     assert sharded == one_by_one[0]
@@ -104,7 +135,7 @@ def test_scores_equal_cocoevalcap(world, one_by_one, tmp_path, monkeypatch):
 
     results, _, out = one_by_one
     results_file = next(out.glob("coco_*.json"))
-    gt_file = world / "data/coco/annotations/coco_karpathy_test_gt.json"
+    gt_file = world / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_GT_JSON
     ours = score_captions(results_file, gt_file, verbose=False)
 
     class NoSpice:  # SPICE downloads CoreNLP when constructed; the other scorers are COCOEvalCap's own
@@ -135,7 +166,7 @@ def test_missing_java_stops_before_generation(world):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "internvl_chat/eval/evaluate_caption.py"),
+            str(REPO / "internvl_chat/cli/evaluate.py"),
             "--checkpoint",
             "pretrained/InternVL2-tiny",
             "--datasets",
@@ -156,7 +187,7 @@ def test_missing_java_stops_before_generation(world):
 def test_score_captions_tool(world, one_by_one):
     _, _, out = one_by_one
     results_file = next(out.glob("coco_*.json"))
-    gt_file = world / "data/coco/annotations/coco_karpathy_test_gt.json"
+    gt_file = world / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_GT_JSON
     result = subprocess.run(
         [
             sys.executable,
@@ -195,7 +226,9 @@ def test_caption_report_compares_runs_picture_by_picture(world, one_by_one, tmp_
     # a second run that captions every picture with its first reference: CIDEr must rise
     references = {
         e["image_id"]: e["caption"]
-        for e in json.loads((world / "data/coco/annotations/coco_karpathy_test_gt.json").read_text())["annotations"]
+        for e in json.loads((world / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_GT_JSON).read_text())[
+            "annotations"
+        ]
     }
     perfect = tmp_path / "perfect.json"
     perfect.write_text(json.dumps([{"image_id": r["image_id"], "caption": references[r["image_id"]]} for r in results]))

@@ -13,22 +13,21 @@ random model never end early, so every image gets the full 30 new tokens (the sl
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from internvl_chat.eval.caption_sets import CAPTION_SETS, read_entries  # noqa: E402
-from internvl_chat.eval.evaluate_caption import generate_captions  # noqa: E402
-from internvl_chat.eval.fast_captioner import fast_engine_attention  # noqa: E402
-from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
-from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
-from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
+from internvl_chat.checkpoint.loader import load_model, load_tokenizer
+from internvl_chat.data.formats import ANNOTATIONS_FOLDER, KARPATHY_TEST_JSON
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.devkit.coco import make_synthetic_coco
+from internvl_chat.eval.caption_data import CaptionImages
+from internvl_chat.eval.caption_sets import CAPTION_SETS, read_entries
+from internvl_chat.eval.captioner import EngineChoice, build_captioner
+from internvl_chat.eval.fast_captioner import fast_engine_attention
+from internvl_chat.eval.generation import generate_captions
+from internvl_chat.train.flops import FlopModel, peak_tflops
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     model_dir = work / args.like
     if not (model_dir / "config.json").exists():
         build_checkpoint(model_dir, like=args.like, dtype=torch.bfloat16, device="cuda")
-    if not (work / "data/coco/annotations/coco_karpathy_test.json").exists():
+    if not (work / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_JSON).exists():
         make_synthetic_coco(work / "data/coco", train_images=1, test_images=args.images, seed=0, image_size=(640, 480))
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)  # the original's path first: chat() under the default attention
@@ -69,19 +68,27 @@ def main() -> None:
     peak = peak_tflops(torch.cuda.get_device_name())
 
     def measure(label, engine, batch_size, subset, flags=()):
-        options = SimpleNamespace(
-            engine=engine,
-            batch_size=batch_size,
-            num_workers=args.num_workers,
-            dynamic=True,
-            max_dynamic_patch=6,
-            num_beams=1,
-            temperature=0.0,
-            profile=args.profile,
+        captioner = build_captioner(
+            EngineChoice(engine, batch_size, num_beams=1),
+            model,
+            tokenizer,
+            caption_set.max_new_tokens,
+            caption_set.min_new_tokens,
             cuda_graphs="nographs" not in flags,
+            profile=args.profile,
         )
+        dataset = CaptionImages.for_model(subset, model.config, dynamic=True, max_dynamic_patch=6)
         torch.cuda.reset_peak_memory_stats()
-        ids, captions, seconds, waited = generate_captions(options, caption_set, subset, model, tokenizer, 0, 1, device)
+        ids, captions, seconds, waited = generate_captions(
+            dataset,
+            captioner,
+            list(range(len(subset))),
+            device,
+            next(model.parameters()).dtype,
+            num_workers=args.num_workers,
+        )
+        if engine == "fast" and captioner.timer.enabled:
+            print("fast engine phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in captioner.timer.seconds.items()))
         rate = len(ids) / seconds
         row = {
             "path": label,
@@ -124,7 +131,7 @@ def main() -> None:
     save(rows)
     del model
     torch.cuda.empty_cache()
-    model = load_model(model_dir, attn_implementation=fast_engine_attention(None))  # as evaluate_caption loads it
+    model = load_model(model_dir, attn_implementation=fast_engine_attention(None))  # as the evaluation loads it
     measure("warm-up", "fast", 8, entries[:8])
     for batch_size, *flags in runs:
         label = f"fast engine, batch {batch_size}" + "".join(f", {flag}" for flag in flags)

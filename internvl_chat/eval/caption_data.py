@@ -19,6 +19,16 @@ class CaptionImages(Dataset):
         self.transform = TileTransform(image_size)
         self.dynamic, self.max_dynamic_patch, self.use_thumbnail = dynamic, max_dynamic_patch, use_thumbnail
 
+    @classmethod
+    def for_model(cls, entries: list[dict], config, dynamic: bool, max_dynamic_patch: int) -> "CaptionImages":
+        """Tiles of the size and with the thumbnail rule of the model that captions them (its InternVLChatConfig)."""
+        return cls(entries, config.tile_size, dynamic, max_dynamic_patch, config.use_thumbnail)
+
+    def tile_counts(self) -> list[int]:
+        return tile_counts(
+            self.entries, self.transform.image_size, self.dynamic, self.max_dynamic_patch, self.use_thumbnail
+        )
+
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..model.conversation import IMG_CONTEXT_TOKEN, image_placeholder
-from ..model.modeling_internlm2 import OutputRows
+from .caption_data import TileGroupedBatches
 
 # The LLM's attention under the fast engine; evaluation loads the model with it (fast_engine_attention).
 FAST_ATTENTION = "internvl_fast_decode"
@@ -84,7 +84,7 @@ class DecodeState:
         config = llm.config
         head_dim = config.hidden_size // config.num_attention_heads
         self.capacity = prompt_length + max_new_tokens
-        layer_devices = [layer.attention_norm.weight.device for layer in llm.model.layers]
+        layer_devices = llm.layer_devices()
         self.cache = StaticKVCache(layer_devices, batch, config.num_key_value_heads, head_dim, self.capacity, dtype)
         self.device = device
         self.single_device = len(set(layer_devices + [device])) == 1
@@ -92,15 +92,8 @@ class DecodeState:
         self.chosen = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos_bias = torch.zeros(config.vocab_size, dtype=torch.float32, device=device)
         self.positions = torch.arange(self.capacity, device=device)
-        # cos/sin of every decoding position, each computed as a one-token step would (dynamic NTK included)
-        rotary = llm.model.rotary_emb
-        probe = torch.zeros(1, dtype=dtype, device=device)
-        tables = [
-            rotary(probe, torch.full((1, 1), position, device=device))
-            for position in range(prompt_length, self.capacity)
-        ]
-        self.cos = torch.cat([cos for cos, _ in tables], dim=1)  # [1, max_new_tokens, head_dim]
-        self.sin = torch.cat([sin for _, sin in tables], dim=1)
+        # [1, max_new_tokens, head_dim]: read by each step at its own index, a device tensor (no host sync)
+        self.cos, self.sin = llm.decoding_position_embeddings(range(prompt_length, self.capacity), dtype, device)
         self.prompt_length = prompt_length
         self.graph = None
 
@@ -135,6 +128,8 @@ class PhaseTimer:
 
 
 class FastCaptioner:
+    """The fast engine as a Captioner (eval/captioner.py): batches of one tile count, captioned together."""
+
     def __init__(
         self,
         model,
@@ -142,6 +137,7 @@ class FastCaptioner:
         question: str,
         max_new_tokens: int = 30,
         min_new_tokens: int = 8,
+        batch_size: int = 32,
         profile: bool = False,
         cuda_graphs: bool = True,
     ):
@@ -158,15 +154,19 @@ class FastCaptioner:
         self.model, self.tokenizer = model, tokenizer
         self.question = question if "<image>" in question else "<image>\n" + question
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.batch_size = batch_size
         model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         sep = model.conv_template.sep.strip()
         self.eos_id, self.sep = tokenizer.convert_tokens_to_ids(sep), sep
-        llm = model.language_model
-        self.llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # unmerged LoRA: PEFT wrapper
+        self.llm = model.base_language_model
         self._prompt_ids = {}
         self.timer = PhaseTimer(profile)
         self.cuda_graphs = cuda_graphs
         self._decode_state, self._decode_state_key = None, None
+
+    def batches(self, dataset, indices: list[int]) -> list[list[int]]:
+        """Images of one tile count a batch: their prompts have one length, so none needs padding."""
+        return list(TileGroupedBatches(indices, dataset.tile_counts(), self.batch_size))
 
     def prompt_ids(self, num_tiles: int) -> torch.Tensor:
         if num_tiles not in self._prompt_ids:
@@ -176,46 +176,25 @@ class FastCaptioner:
             self._prompt_ids[num_tiles] = self.tokenizer(query, return_tensors="pt")["input_ids"][0]
         return self._prompt_ids[num_tiles]
 
-    def _prefill(self, embeds, cache):
-        decoder = self.llm.model
-        length = embeds.shape[1]
-        positions = torch.arange(length, device=embeds.device)[None]
-        position_embeddings = decoder.rotary_emb(embeds, positions)
-        mask = None  # sdpa and flash attention infer causality for a prefill without padding
-        if self.llm.config._attn_implementation == "eager":
-            mask = torch.full((length, length), float("-inf"), dtype=embeds.dtype, device=embeds.device).triu(1)
-            mask = mask[None, None]
-        cache.decoding = False
-        hidden = embeds
-        last = len(decoder.layers) - 1
-        last_position = OutputRows.last_position(embeds)
-        for index, layer in enumerate(decoder.layers):
-            # the first token comes from the last position only: the last layer computes nothing else
-            hidden = layer(
-                hidden,
-                position_embeddings,
-                attention_mask=mask,
-                past_key_values=cache,
-                output_rows=last_position if index == last else None,
-            )
-        return decoder.norm(hidden[:, -1])
+    def prefill(self, embeds: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """The prompts into state's cache; the last position's normed hidden state, which gives the first token."""
+        state.cache.decoding = False
+        return self.llm.prefill(embeds, state.cache)
 
     def _greedy_choice(self, hidden, state):
-        logits = self.llm.output(hidden).float() + state.eos_bias
+        logits = self.llm.logits_from_hidden(hidden).float() + state.eos_bias
         state.chosen.copy_(logits.argmax(dim=-1))
 
     def _decode_step(self, state):
         """One token for every caption: state.token at state.cache.decode_position -> state.chosen. Only
         static shapes and device tensors, so that it can be recorded as a CUDA graph."""
-        decoder, cache = self.llm.model, state.cache
+        cache = state.cache
         step = cache.decode_position - state.prompt_length
         position_embeddings = state.cos.index_select(1, step), state.sin.index_select(1, step)
         mask = torch.zeros(state.capacity, dtype=state.cos.dtype, device=step.device)
         mask = mask.masked_fill(state.positions > cache.decode_position, float("-inf"))[None, None, None]
-        hidden = self.llm.get_input_embeddings()(state.token[:, None])
-        for layer in decoder.layers:
-            hidden = layer(hidden, position_embeddings, attention_mask=mask, past_key_values=cache)
-        self._greedy_choice(decoder.norm(hidden[:, -1]), state)
+        hidden = self.llm.decode_step(state.token[:, None], position_embeddings, mask, cache)
+        self._greedy_choice(hidden, state)
 
     def _run_step(self, state):
         if state.device.type != "cuda" or not state.single_device or not self.cuda_graphs:
@@ -232,7 +211,8 @@ class FastCaptioner:
                 self._decode_step(state)
         state.graph.replay()
 
-    def _state(self, batch, prompt_length, dtype, device):
+    def decode_state(self, batch: int, prompt_length: int, dtype, device) -> DecodeState:
+        """The buffers of this shape: kept while batches keep it, since the CUDA graph is recorded on them."""
         key = (batch, prompt_length)
         if self._decode_state is None or self._decode_state_key != key:
             self._decode_state = None  # free the previous shape's cache and graph first
@@ -243,18 +223,21 @@ class FastCaptioner:
         return self._decode_state
 
     @torch.inference_mode()
-    def caption(self, pixel_values: torch.Tensor, num_tiles: int) -> list[str]:
-        """pixel_values: [B * num_tiles, 3, S, S] of B images that all have num_tiles tiles."""
+    def caption(self, pixel_values: torch.Tensor, tiles_per_image: list[int]) -> list[str]:
+        """pixel_values: the tiles of images that all have the same number of tiles, image after image."""
+        num_tiles = tiles_per_image[0]
+        if any(tiles != num_tiles for tiles in tiles_per_image):
+            raise ValueError(f"the fast captioner takes batches of one tile count, not {sorted(set(tiles_per_image))}")
         model = self.model
-        batch = pixel_values.shape[0] // num_tiles
+        batch = len(tiles_per_image)
         device = pixel_values.device
         self.timer.mark(None, device)
         ids = self.prompt_ids(num_tiles).to(device).expand(batch, -1)
         features = model.extract_feature(pixel_values)
         self.timer.mark("vision", device)
         embeds, _ = model.embed_with_images(ids, features, strict=True)
-        state = self._state(batch, ids.shape[1], embeds.dtype, device)
-        hidden = self._prefill(embeds, state.cache)
+        state = self.decode_state(batch, ids.shape[1], embeds.dtype, device)
+        hidden = self.prefill(embeds, state)
         self.timer.mark("prefill", device)
         tokens = torch.empty(batch, self.max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -15,6 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..data.formats import ANNOTATIONS_FOLDER, KARPATHY_TEST_GT_JSON
+
 
 class ScoringError(ValueError):
     """Results and ground truth that cannot be scored together; the message says why."""
@@ -100,7 +102,7 @@ def read_ground_truth_ids(path: str | Path) -> set[int]:
     ):
         raise ScoringError(
             f"ground truth {path} must be COCO caption format: an object with 'images' and "
-            "'annotations' lists (e.g. data/coco/annotations/coco_karpathy_test_gt.json)"
+            f"'annotations' lists (e.g. data/coco/{ANNOTATIONS_FOLDER}/{KARPATHY_TEST_GT_JSON})"
         )
     try:
         return {int(image["id"]) for image in ground_truth["images"]}

@@ -326,6 +326,24 @@ class InternLM2Model(InternLM2PreTrainedModel):
 
 
 class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
+    """InternLM2 with its LM head. Besides forward(), the decoder-step interface that a caller keeping its own KV
+    cache and decoding loop drives (the fast caption engine), so that it never reaches into the model's modules.
+    Another LLM family can be given the same methods, with the same contract, through an adapter:
+
+    - layer_devices(): the device of each decoder layer, in order (a cache puts each layer's buffers there).
+    - decoding_position_embeddings(positions, dtype, device): the rotary (cos, sin) of the given positions, each
+      as a one-token step at that position computes it; [1, N, head_dim] each.
+    - prefill(inputs_embeds, cache, attention_mask=None): the prompt [B, L, hidden] through every layer, keys and
+      values written through `cache.update(key, value, layer_idx)`; returns the last position's final-normed
+      hidden state, [B, hidden].
+    - decode_step(token_ids, position_embeddings, attention_mask, cache): one token a sequence, [B, 1], at the
+      position that the given embeddings and the cache stand for; returns its final-normed hidden state
+      [B, hidden]. Static shapes and device tensors only, so that a CUDA graph can record it.
+    - logits_from_hidden(hidden_states): the LM head, in the model's dtype.
+
+    Each computes what forward() computes at the same positions.
+    """
+
     _tied_weights_keys = {}
 
     def __init__(self, config: InternLM2Config):
@@ -346,6 +364,61 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.output = new_embeddings
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.attention_norm.weight.device for layer in self.model.layers]
+
+    def decoding_position_embeddings(
+        self, positions: range, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One rotary call a position: dynamic NTK scaling depends on the length a step sees, so a table computed
+        over all positions at once would differ from the steps' own."""
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        tables = [self.model.rotary_emb(probe, torch.full((1, 1), position, device=device)) for position in positions]
+        return torch.cat([cos for cos, _ in tables], dim=1), torch.cat([sin for _, sin in tables], dim=1)
+
+    def prefill(
+        self, inputs_embeds: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """attention_mask None: a causal prefill without padding, which sdpa and flash attention infer; eager
+        attention is given the causal mask explicitly. The last layer computes the last position only, the one
+        whose output is read."""
+        decoder = self.model
+        length = inputs_embeds.shape[1]
+        positions = torch.arange(length, device=inputs_embeds.device)[None]
+        position_embeddings = decoder.rotary_emb(inputs_embeds, positions)
+        if attention_mask is None and self.config._attn_implementation == "eager":
+            attention_mask = torch.full(
+                (length, length), float("-inf"), dtype=inputs_embeds.dtype, device=inputs_embeds.device
+            ).triu(1)[None, None]
+        hidden = inputs_embeds
+        last = len(decoder.layers) - 1
+        last_position = OutputRows.last_position(inputs_embeds)
+        for index, layer in enumerate(decoder.layers):
+            hidden = layer(
+                hidden,
+                position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                output_rows=last_position if index == last else None,
+            )
+        return decoder.norm(hidden[:, -1])
+
+    def decode_step(
+        self,
+        token_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache,
+    ) -> torch.Tensor:
+        decoder = self.model
+        hidden = self.get_input_embeddings()(token_ids)
+        for layer in decoder.layers:
+            hidden = layer(hidden, position_embeddings, attention_mask=attention_mask, past_key_values=cache)
+        return decoder.norm(hidden[:, -1])
+
+    def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.output(hidden_states)
 
     def forward(
         self,

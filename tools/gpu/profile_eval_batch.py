@@ -9,19 +9,16 @@ grouped by name.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from internvl_chat.eval.caption_sets import CAPTION_PROMPT  # noqa: E402
-from internvl_chat.eval.fast_captioner import FastCaptioner, fast_engine_attention  # noqa: E402
-from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
+from internvl_chat.checkpoint.loader import load_model, load_tokenizer
+from internvl_chat.data.formats import CAPTION_PROMPT
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.eval.fast_captioner import FastCaptioner, fast_engine_attention
 
 
 def profiled(label, function, top):
@@ -55,14 +52,14 @@ def main() -> None:
     tiles = 7
     size = model.config.vision_config.image_size
     pixels = torch.randn(args.batch * tiles, 3, size, size, device="cuda", dtype=torch.bfloat16)
-    captioner.caption(pixels, tiles)  # warm-up: lazy inits, the decoding graph
+    captioner.caption(pixels, [tiles] * args.batch)  # warm-up: lazy inits, the decoding graph
 
     with torch.inference_mode():
         ids = captioner.prompt_ids(tiles).cuda().expand(args.batch, -1)
         features = profiled("ViT + projector", lambda: model.extract_feature(pixels), args.top)
         embeds, _ = model.embed_with_images(ids, features, strict=True)
-        state = captioner._state(args.batch, ids.shape[1], embeds.dtype, pixels.device)
-        profiled("prefill", lambda: captioner._prefill(embeds, state.cache), args.top)
+        state = captioner.decode_state(args.batch, ids.shape[1], embeds.dtype, pixels.device)
+        profiled("prefill", lambda: captioner.prefill(embeds, state), args.top)
 
 
 if __name__ == "__main__":
