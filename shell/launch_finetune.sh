@@ -1,11 +1,12 @@
 #!/bin/sh
 # The common part of the shell/internvl2.0/2nd_finetune/*.sh launchers (they exec this with the model's
-# arguments): batch arithmetic, GPU or CPU, the inputs checked before anything starts, torchrun on the fine-tuning
+# arguments): GPU or CPU, the inputs and the step checked before anything starts, torchrun on the fine-tuning
 # entry point, and the log kept in OUTPUT_DIR/training_log.txt. Environment (defaults in brackets):
 #   GPUS [8]  processes per host: GPUs, or CPU processes on a machine without a GPU
-#   BATCH_SIZE [512]  PER_DEVICE_BATCH_SIZE [4]  global and per-process batch; accumulation = the ratio
+#   BATCH_SIZE [512]  PER_DEVICE_BATCH_SIZE [4]  global and per-process batch, passed through as --global_batch_size
+#       and --per_device_train_batch_size: the entry point takes accumulation = BATCH_SIZE / (PER_DEVICE x processes)
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [a free port on one host, 34229 on several]
-#   OUTPUT_DIR (set by the launcher)   PYTHON [.venv's, else PATH's python3]   TORCHRUN [python -m internvl_chat.launch]
+#   OUTPUT_DIR (set by the launcher)   PYTHON [.venv's, else PATH's python3]   TORCHRUN [python -m internvl_chat.cli.launch]
 #   TORCH_EXTENSIONS_DIR [.cache/torch_extensions in the repository]: DeepSpeed's ops, built on the first launch
 set -eu
 
@@ -28,9 +29,6 @@ for name in GPUS BATCH_SIZE PER_DEVICE_BATCH_SIZE NNODES; do
     case "$value" in ''|*[!0-9]*|0) fail "$name must be a positive whole number, got '$value'" ;; esac
 done
 processes=$((GPUS * NNODES))
-per_step=$((PER_DEVICE_BATCH_SIZE * processes))
-[ $((BATCH_SIZE % per_step)) -eq 0 ] || fail "BATCH_SIZE=$BATCH_SIZE is not a multiple of PER_DEVICE_BATCH_SIZE x GPUS x NNODES = $per_step"
-GRADIENT_ACC=$((BATCH_SIZE / per_step))
 
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}
@@ -56,13 +54,14 @@ else
     where="the CPU (no GPU found): $GPUS process(es), gloo, fp32"
 fi
 
-# The model, the data and every flag, checked before torchrun starts (a second, not a model load per process).
-"$PYTHON" -m internvl_chat.train.preflight "$@" --output_dir "$OUTPUT_DIR" \
-    --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" --gradient_accumulation_steps "$GRADIENT_ACC" || exit $?
+# The model, the data, the step and every flag, checked before torchrun starts (a second, not a model load per
+# process); every problem is named.
+"$PYTHON" -m internvl_chat.cli.finetune_preflight --processes "$processes" "$@" --output_dir "$OUTPUT_DIR" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" --global_batch_size "$BATCH_SIZE" || exit $?
 
 mkdir -p "$OUTPUT_DIR"
 log="$OUTPUT_DIR/training_log.txt"
-echo "[launch_finetune] $(date '+%F %T') training on $where; BATCH_SIZE=$BATCH_SIZE = PER_DEVICE_BATCH_SIZE=$PER_DEVICE_BATCH_SIZE x $processes process(es) x GRADIENT_ACC=$GRADIENT_ACC; OUTPUT_DIR=$OUTPUT_DIR" | tee -a "$log"
+echo "[launch_finetune] $(date '+%F %T') training on $where; BATCH_SIZE=$BATCH_SIZE, PER_DEVICE_BATCH_SIZE=$PER_DEVICE_BATCH_SIZE, $processes process(es); OUTPUT_DIR=$OUTPUT_DIR" | tee -a "$log"
 
 rendezvous="--nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR"
 if [ -n "${MASTER_PORT:-}" ]; then
@@ -73,18 +72,18 @@ fi  # one host and no MASTER_PORT: torchrun takes a free port itself
 
 # POSIX sh has no pipefail: the exit status travels through a file past tee.
 status_file="$OUTPUT_DIR/.launch_status"
-entry="$repo/internvl_chat/train/internvl_chat_finetune.py"
+entry="-m internvl_chat.cli.finetune"
 # shellcheck disable=SC2086  # rendezvous and device_args are lists of words
 if [ -n "${TORCHRUN:-}" ]; then
-    set -- "$TORCHRUN" $rendezvous --nproc_per_node="$GPUS" "$entry" "$@"
+    set -- "$TORCHRUN" $rendezvous --nproc_per_node="$GPUS" $entry "$@"
 else
-    set -- "$PYTHON" -m internvl_chat.launch $rendezvous --nproc_per_node="$GPUS" "$entry" "$@"
+    set -- "$PYTHON" -m internvl_chat.cli.launch $rendezvous --nproc_per_node="$GPUS" $entry "$@"
 fi
 # shellcheck disable=SC2086
 { status=0
   "$@" --output_dir "$OUTPUT_DIR" \
       --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE" \
-      --gradient_accumulation_steps "$GRADIENT_ACC" \
+      --global_batch_size "$BATCH_SIZE" \
       $device_args || status=$?
   echo "$status" > "$status_file"; } 2>&1 | tee -a "$log"
 status=$(cat "$status_file")

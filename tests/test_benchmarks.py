@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from internvl_chat.synthetic.checkpoint import build_checkpoint
+from internvl_chat.devkit.checkpoint import build_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

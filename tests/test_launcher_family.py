@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from internvl_chat.train.step_shape import decide_step_shape
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILY = REPO / "shell/internvl2.0/2nd_finetune"
 VENV_PYTHON = REPO / ".venv/bin/python"
@@ -69,7 +71,7 @@ LAUNCHER_ENV = (
     "TORCHRUN",
     "PYTHON",
 )
-ENTRY_POINT = "internvl_chat_finetune.py"
+ENTRY_POINT = "internvl_chat.cli.finetune"
 
 
 def shell_scripts():
@@ -127,8 +129,8 @@ def launch(fakes, name, cwd, *extra, python=None, **env):
 
 
 def entry_point_args(torchrun_args):
-    """Everything after the entry point's path: what internvl_chat_finetune.py receives."""
-    index = next(i for i, arg in enumerate(torchrun_args) if arg.endswith(ENTRY_POINT))
+    """Everything after the entry point's module: what internvl_chat.cli.finetune receives."""
+    index = next(i for i, arg in enumerate(torchrun_args) if arg == ENTRY_POINT)
     return torchrun_args[index + 1 :]
 
 
@@ -139,17 +141,20 @@ def flag(args, name):
 PARSE_SCRIPT = """
 import json, sys
 from internvl_chat.train.arguments import parse_args
+from internvl_chat.train.step_shape import decide_step_shape
 out = {}
 for name, argv in json.load(open(sys.argv[1])).items():
-    model, data, training, run = parse_args(argv)
+    model, data, fast, training, run, facts = parse_args(argv)
+    step = decide_step_shape(training.per_device_train_batch_size, 2, fast.group_by_image, run.global_batch_size,
+                             training.gradient_accumulation_steps)
     out[name] = dict(
         model=model.model_name_or_path, conv_style=data.conv_style, meta_path=data.meta_path,
         use_llm_lora=model.use_llm_lora, freeze_llm=model.freeze_llm, freeze_mlp=model.freeze_mlp,
         freeze_backbone=model.freeze_backbone, max_dynamic_patch=data.max_dynamic_patch,
-        dynamic_image_size=data.dynamic_image_size, use_thumbnail=data.use_thumbnail, ps_version=model.ps_version,
+        dynamic_image_size=data.dynamic_image_size, use_thumbnail=data.use_thumbnail, ps_version=facts["ps_version"],
         max_seq_length=data.max_seq_length, deepspeed=training.deepspeed, output_dir=training.output_dir,
         per_device_train_batch_size=training.per_device_train_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps, learning_rate=training.learning_rate,
+        gradient_accumulation_steps=step.accumulation, learning_rate=training.learning_rate,
         warmup_steps=training.warmup_steps, report_to=training.report_to, use_cpu=training.use_cpu,
         bf16=training.bf16, save_steps=training.save_steps, num_train_epochs=training.num_train_epochs)
 json.dump(out, open(sys.argv[2], "w"))
@@ -210,9 +215,10 @@ def test_launcher_flags_parse_with_the_entry_point(parsed, name):
     assert deepspeed.is_file() and deepspeed.name == f"zero_stage{stage}_config.json"
     assert json.loads(deepspeed.read_text())["zero_optimization"]["stage"] == stage
     assert got["learning_rate"] == pytest.approx(lr)
-    # 16 = 4 per process x 2 processes x 2 accumulation steps
+    # 16 = 4 per process x 2 processes x 2 accumulation steps, decided by the entry point from BATCH_SIZE
     assert got["per_device_train_batch_size"] == 4 and got["gradient_accumulation_steps"] == 2
-    assert "GRADIENT_ACC=2" in result.stdout
+    assert flag(entry_point_args(torchrun_args), "--global_batch_size") == "16"
+    assert "BATCH_SIZE=16, PER_DEVICE_BATCH_SIZE=4, 2 process(es)" in result.stdout
     assert got["model"] == "/models/My Model"
     assert got["output_dir"].endswith(f"out/{name}")
     assert got["dynamic_image_size"] and got["use_thumbnail"] and got["ps_version"] == "v2"
@@ -238,7 +244,9 @@ def test_defaults_give_the_original_batch(fakes, tmp_path, name):
     assert f"--nproc_per_node={gpus}" in args and f"--nnodes={nnodes}" in args
     python_args = entry_point_args(args)
     assert int(flag(python_args, "--per_device_train_batch_size")) == per_device
-    assert int(flag(python_args, "--gradient_accumulation_steps")) * per_device * gpus * nnodes == batch
+    assert int(flag(python_args, "--global_batch_size")) == batch
+    step = decide_step_shape(per_device, gpus * nnodes, False, global_batch_size=batch)
+    assert step.accumulation * per_device * gpus * nnodes == batch
     assert flag(python_args, "--model_name_or_path") == MODEL_DIR[size]
     output_dir = flag(python_args, "--output_dir")
     assert output_dir == f"work_dirs/internvl_chat_v2_0/{name[:-3]}"
@@ -267,15 +275,26 @@ def test_several_hosts_share_the_batch(fakes, tmp_path):
         "--nproc_per_node=8",
     ):
         assert expected in args
-    assert flag(entry_point_args(args), "--gradient_accumulation_steps") == "4"  # 128 / (1 x 8 x 4)
+    assert flag(entry_point_args(args), "--global_batch_size") == "128"
+    assert decide_step_shape(1, 8 * 4, False, global_batch_size=128).accumulation == 4  # 128 / (1 x 8 x 4)
 
 
-def test_a_batch_that_does_not_divide_is_refused(fakes, tmp_path):
-    result, args = launch(
-        fakes, f"{STEMS['2B']}_lora.sh", tmp_path, GPUS="3", BATCH_SIZE="16", PER_DEVICE_BATCH_SIZE="4", NNODES="1"
-    )
-    assert result.returncode == 2 and args is None
-    assert "BATCH_SIZE=16" in result.stderr and "= 12" in result.stderr
+def test_a_batch_that_does_not_divide_is_refused(tmp_path):
+    """The launchers' check before torchrun (the real one; the fake python above skips it) refuses the step with
+    the other problems of the command line, each on a line of its own, the checkpoint's first."""
+    result = subprocess.run(
+        [sys.executable, "-m", "internvl_chat.cli.finetune_preflight", "--processes", "3",
+         "--model_name_or_path", str(tmp_path / "no_model"), "--meta_path", str(tmp_path / "no_meta.json"),
+         "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "4", "--global_batch_size", "16",
+         "--max_stepz", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("launch_finetune: ") for line in lines)
+    assert "no_model does not exist" in lines[0] and "no_meta.json does not exist" in lines[1]
+    assert "BATCH_SIZE=16 is not a multiple of PER_DEVICE_BATCH_SIZE x GPUS x NNODES = 12" in lines[2]
+    assert "--max_stepz is not a flag" in lines[3]
 
 
 @pytest.mark.parametrize(
@@ -310,7 +329,7 @@ def test_the_real_gpu_probe(fakes, tmp_path):
         OUTPUT_DIR=str(tmp_path / "run"),
     )
     assert result.returncode == 2 and args is None
-    assert result.stderr.strip() == (
+    assert result.stderr.strip().splitlines()[0] == (  # the checkpoint's problem first, then the data's
         "launch_finetune: checkpoint folder pretrained/InternVL2-2B does not exist; download it with "
         "tools/download_model.sh or build one with tools/make_tiny_model.py"
     )

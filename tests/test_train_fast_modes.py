@@ -15,8 +15,10 @@ from internvl_chat.data.collator import (
 from internvl_chat.model.modeling_internlm2 import ROWS_MASK_KEY_MULTIPLE
 from internvl_chat.train import attention as attention_module
 from internvl_chat.train.attention import PREFIX_SPLIT_ATTENTION, causal_head_length
-from internvl_chat.train.batch_layout import COUNTS_KEY, BatchLayout, positions_through_padding
+from internvl_chat.train.batch_layout import BatchLayout, positions_through_padding
 from internvl_chat.train.model_setup import compile_blocks
+from internvl_chat.train.step import caption_weights, micro_batch_loss, run_step, weigh_step
+from internvl_chat.train.step_shape import decide_step_shape
 
 PER_CAPTION = BatchLayout(supervised_logits_only=True)
 
@@ -32,7 +34,7 @@ def layout_inputs(layout: BatchLayout, items: list[dict], device=None) -> dict:
     """What the trainer hands the model: the layout's collator (loader worker), then model_inputs on the device."""
     batch = layout.collator()(items)
     if device is not None:
-        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        batch = batch.to(device)
     return layout.model_inputs(batch)
 
 
@@ -97,7 +99,7 @@ def test_right_padding_needs_no_mask(model, training_items, attention):
     padded = concat_pad_data_collator(training_items)
     assert not padded["attention_mask"].all()  # the batch really is padded
     collated = BatchLayout().collator()(training_items)
-    assert "attention_mask" not in collated and "position_ids" not in collated
+    assert collated.attention_mask is None and collated.position_ids is None
     assert_same(loss_and_grads(model, padded), loss_and_grads(model, BatchLayout().model_inputs(collated)))
 
 
@@ -139,12 +141,18 @@ def test_the_trainer_hands_the_model_what_the_layout_makes(model, training_items
     arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     trainer = InternVLTrainer(model=model, args=arguments, layout=PER_CAPTION)
     batch = trainer.data_collator(training_items)
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop
+    logits = []
+    handle = model.base_language_model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: logits.append(output.shape)
+    )
+    loss = trainer.training_step(model, batch)
+    handle.remove()
     with torch.no_grad():
-        loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
         reference = model(**concat_pad_data_collator(training_items)).loss
-    assert torch.allclose(loss, reference, rtol=1e-6)
-    slots = int((batch["labels"][:, 1:] != -100).sum(dim=1).max())
-    assert outputs.logits.shape[1] == slots  # the supervised rows only: the fast path ran
+    assert torch.allclose(loss, reference / 2, rtol=1e-6)  # its share of a step of two micro-batches
+    slots = int((concat_pad_data_collator(training_items)["labels"][:, 1:] != -100).sum(dim=1).max())
+    assert logits[0][1] == slots  # the supervised rows only: the fast path ran
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -286,7 +294,7 @@ def test_prefix_split_trains_like_sdpa_under_the_dense_mask(model, training_data
     of SDPA under the whole dense mask (fp32 CPU; the tail runs through SDPA here, flex attention on a GPU)."""
     items = grouped_items(training_dataset)
     mask = image_grouped_collator(items)["attention_mask"]
-    tail = BatchLayout(group_by_image=True).collator()(items)["attention_mask"]
+    tail = BatchLayout(group_by_image=True).collator()(items).attention_mask
     assert torch.equal(tail, mask[:, :, causal_head_length(mask) :]) and 0 < tail.shape[2] < mask.shape[2]
     assert_grouped_trains_like_sdpa(model, items, PREFIX_SPLIT_ATTENTION)
 
@@ -354,18 +362,18 @@ def test_the_training_collator_counts_and_casts_in_the_loader_workers(
         model=copy.deepcopy(model), args=arguments, layout=PER_CAPTION, train_dataset=training_dataset
     )
     batch = trainer.data_collator(training_items)
-    assert batch[COUNTS_KEY] == batch_counts(concat_pad_data_collator(training_items))
-    assert batch["pixel_values"].dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
-    assert "image_flags" not in batch  # every tile a picture's: the forward needs no selection (a host wait)
+    assert batch.counts == batch_counts(concat_pad_data_collator(training_items))
+    assert batch.pixel_values.dtype == torch.float32  # fp32 training: pixels as the data pipeline gives them
+    assert batch.image_flags is None  # every tile a picture's: the forward needs no selection (a host wait)
     items = [training_items[0], dict(training_items[1], image_flags=torch.zeros_like(training_items[1]["image_flags"]))]
-    assert torch.equal(trainer.data_collator(items)["image_flags"], concat_pad_data_collator(items)["image_flags"])
+    assert torch.equal(trainer.data_collator(items).image_flags, concat_pad_data_collator(items)["image_flags"])
     grouped = BatchLayout(group_by_image=True, requested_attention="sdpa").collator()(grouped_items(training_dataset))
-    assert grouped["attention_mask"].dim() == 4 and "position_ids" in grouped  # kept: positions restart per caption
+    assert grouped.attention_mask.dim() == 4 and grouped.position_ids is not None  # positions restart per caption
     bf16 = PER_CAPTION.collator(torch.bfloat16)(training_items)
-    assert bf16["pixel_values"].dtype == torch.bfloat16  # cast in the loader workers, not on the way over
-    assert torch.equal(bf16["pixel_values"], batch["pixel_values"].to(torch.bfloat16))
+    assert bf16.pixel_values.dtype == torch.bfloat16  # cast in the loader workers, not on the way over
+    assert torch.equal(bf16.pixel_values, batch.pixel_values.to(torch.bfloat16))
     eager = BatchLayout(group_by_image=True, requested_attention="eager").collator(torch.bfloat16)
-    bias = eager(grouped_items(training_dataset))["attention_mask"]
+    bias = eager(grouped_items(training_dataset)).attention_mask
     assert bias.dtype == torch.bfloat16 and bias.max() == 0 and bias.min() == torch.finfo(torch.bfloat16).min
 
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
@@ -388,8 +396,6 @@ def test_a_grouped_step_has_the_tutorials_gradient_on_the_same_captions(
     token-mean losses. A grouped step holds the same captions in other micro-batches (whole pictures); with
     caption_weights it has the same loss and the same LoRA gradients as the tutorial's micro-batches made of its
     captions cut, in order, into runs of the per-device batch; a step of fewer captions is still a mean over them."""
-    from internvl_chat.train.batch_layout import WEIGHTS_KEY, caption_weights
-
     groups = training_dataset.datasets[0].image_groups()
     pictures = [[training_dataset[i] for i in group] for group in groups[:3]]  # 15 captions
     per_device, accumulation = 5, 3  # the tutorial's step on this rank: 3 micro-batches of 5 captions
@@ -408,20 +414,12 @@ def test_a_grouped_step_has_the_tutorials_gradient_on_the_same_captions(
         group_by_image=True,
         supervised_logits_only=supervised_logits_only,
         requested_attention="sdpa",
-        per_device_captions=per_device,
-        accumulation=accumulation,
+        step=decide_step_shape(per_device, 1, True, accumulation=accumulation),
     )
     collate = layout.collator()
     grouped_micro_batches = [collate(pictures[0] + pictures[1]), collate(pictures[2])]  # another cut: 10 + 5
-    weights = caption_weights(grouped_micro_batches, per_device, step_captions=15)
-    for batch, batch_weights in zip(grouped_micro_batches, weights):
-        batch[WEIGHTS_KEY] = batch_weights
     model.zero_grad()
-    grouped_loss = 0.0
-    for batch in grouped_micro_batches:
-        loss = model(**layout.model_inputs(batch)).loss / len(grouped_micro_batches)
-        loss.backward()
-        grouped_loss += loss.detach()
+    grouped_loss = run_step(model, grouped_micro_batches, layout)  # what the Trainer and the benchmark run
     grouped = (grouped_loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert_same(tutorial, grouped, loss_rtol=1e-5, rtol=1e-3, atol=1e-7)
     # and not by chance: the plain token mean of each grouped micro-batch weighs the captions otherwise
@@ -430,14 +428,13 @@ def test_a_grouped_step_has_the_tutorials_gradient_on_the_same_captions(
     )
     assert not torch.allclose(plain.detach(), tutorial_loss, rtol=1e-4)
     # a step of one picture (5 captions, one run): its plain token mean, as a tutorial step of one micro-batch
-    alone = collate(pictures[2])
-    alone[WEIGHTS_KEY] = caption_weights([alone], per_device, step_captions=5)[0]
-    alone_loss = model(**layout.model_inputs(alone)).loss
+    (alone,) = weigh_step([collate(pictures[2])], layout)
+    alone_loss = micro_batch_loss(model, alone, layout, micro_batches=1)
     plain_alone = model(**layout.model_inputs(collate(pictures[2]))).loss
     assert torch.allclose(alone_loss, plain_alone, rtol=1e-5)
     # on two ranks each rank's weights double (the ranks' gradients are averaged) and the step's captions count
     two_ranks = caption_weights([alone], per_device, step_captions=10, ranks=2)[0]
-    assert torch.allclose(two_ranks, alone[WEIGHTS_KEY], rtol=1e-6)
+    assert torch.allclose(two_ranks, alone.loss_rows.weights, rtol=1e-6)
 
 
 def test_the_grouped_step_shape_keeps_the_tutorials_global_batch():
@@ -450,9 +447,23 @@ def test_the_grouped_step_shape_keeps_the_tutorials_global_batch():
         (2, 8, (16, 1)),
         (1, 16, (16, 1)),
     ):
-        layout = BatchLayout(group_by_image=True, per_device_captions=per_device, accumulation=accumulation)
-        assert layout.trainer_step_shape() == shape
+        step = decide_step_shape(per_device, 1, True, accumulation=accumulation)
+        assert (step.micro_batch, step.micro_batches) == shape
         assert shape[0] * shape[1] == per_device * accumulation
-    assert BatchLayout(per_device_captions=4, accumulation=16).trainer_step_shape() == (4, 16)  # per caption: as is
+    per_caption = decide_step_shape(4, 1, False, accumulation=16)  # per caption: as is
+    assert (per_caption.micro_batch, per_caption.micro_batches) == (4, 16)
     with pytest.raises(ValueError, match="raise BATCH_SIZE to 8 or more captions a process"):
-        BatchLayout(group_by_image=True, per_device_captions=2, accumulation=1).trainer_step_shape()
+        decide_step_shape(2, 1, True, accumulation=1)
+
+
+def test_the_launchers_batch_size_decides_the_step_once():
+    """BATCH_SIZE (--global_batch_size) over PER_DEVICE_BATCH_SIZE x processes is the tutorial's accumulation, which
+    the grouped mode then reshapes; a batch that does not divide, or a contradicting accumulation, is refused."""
+    step = decide_step_shape(4, 8, False, global_batch_size=512)
+    assert (step.per_device_captions, step.accumulation, step.micro_batch, step.micro_batches) == (4, 16, 4, 16)
+    grouped = decide_step_shape(4, 8, True, global_batch_size=512)
+    assert (grouped.accumulation, grouped.micro_batch, grouped.micro_batches) == (16, 16, 4)
+    with pytest.raises(ValueError, match="BATCH_SIZE=500 is not a multiple of PER_DEVICE_BATCH_SIZE x GPUS x NNODES"):
+        decide_step_shape(4, 8, False, global_batch_size=500)
+    with pytest.raises(ValueError, match="give one of the two"):
+        decide_step_shape(4, 8, False, global_batch_size=512, accumulation=8)

@@ -4,9 +4,9 @@ import pytest
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainingArguments
 
+from internvl_chat.devkit.checkpoint import tiny_config_dict
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
-from internvl_chat.synthetic.checkpoint import tiny_config_dict
 from internvl_chat.train.trainer import InternVLTrainer
 
 
@@ -93,22 +93,37 @@ def test_batches_cross_to_the_gpu_asynchronously_from_pinned_memory(tmp_path, mo
     assert not InternVLTrainer(model=model, args=unpinned).accelerator.dataloader_config.non_blocking
 
 
+def one_caption_batch():
+    """A TrainingBatch of one three-token caption, for tests whose step is stood in for."""
+    import torch
+
+    from internvl_chat.data.collator import BatchCounts
+    from internvl_chat.train.batch import TrainingBatch
+
+    counts = BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])
+    return TrainingBatch(
+        input_ids=torch.zeros(1, 3, dtype=torch.long),
+        pixel_values=torch.zeros(1, 3, 8, 8),
+        counts=counts,
+        labels=torch.zeros(1, 3, dtype=torch.long),
+    )
+
+
 def test_a_non_finite_loss_is_replaced_on_the_device_as_transformers_would(tmp_path, monkeypatch):
     """--logging_nan_inf_filter (on by default): a NaN or inf micro-step loss counts as the window's mean so far,
     as in transformers' loop, but decided on the device: the loop's own check, a host read of every micro-step's
     loss, is off."""
     import torch
-    from transformers import Trainer
 
-    from internvl_chat.data.collator import BatchCounts
-    from internvl_chat.train.trainer import COUNTS_KEY
+    from internvl_chat.train import trainer as trainer_module
 
     trainer = trainer_for(tmp_path)
     assert trainer.filter_nan_inf_losses and not trainer.args.logging_nan_inf_filter
     losses = iter([6.0, float("nan"), float("inf"), float("nan")])
-    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(losses)))
+    monkeypatch.setattr(trainer_module, "backward_micro_batch", lambda *args, **kwargs: torch.tensor(next(losses)))
     trainer.state.global_step = 5
-    inputs = {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])}
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    inputs = one_caption_batch()
     assert trainer.training_step(trainer.model, inputs).item() == 6.0  # finite: kept; the window opens at step 5
     trainer.state.global_step = 7  # two optimizer steps later, no loss logged meanwhile
     assert trainer.training_step(trainer.model, inputs).item() == 2.0  # 6 / (1 + 7 - 5)
@@ -121,23 +136,18 @@ def test_a_logged_loss_is_the_mean_of_its_steps_losses(tmp_path, monkeypatch):
     """The logged loss of a window is the mean over its optimizer steps of each step's loss (the sum of its
     micro-steps' losses), whatever transformers keeps privately; a NaN micro-step counts as the window's mean."""
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
-    from internvl_chat.data.collator import BatchCounts
-    from internvl_chat.train.trainer import COUNTS_KEY
+    from internvl_chat.train import trainer as trainer_module
 
     trainer = trainer_for(
         tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=4, logging_steps=2
     )
     micro_losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, float("nan"), 7.0, 9.0])
-    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(next(micro_losses)))
     monkeypatch.setattr(
-        InternVLTrainer,
-        "get_train_dataloader",
-        lambda self: [
-            {COUNTS_KEY: BatchCounts(captions=1, lengths=[3], supervised=1, caption_tokens=[[1]])} for _ in range(8)
-        ],
+        trainer_module, "backward_micro_batch", lambda *args, **kwargs: torch.tensor(next(micro_losses))
     )
+    monkeypatch.setattr(InternVLTrainer, "get_train_dataloader", lambda self: [one_caption_batch() for _ in range(8)])
     logged = []
 
     class Keep(TrainerCallback):
@@ -155,20 +165,22 @@ def test_total_flos_come_from_the_flop_model(tmp_path, monkeypatch):
     """trainer_state's total_flos take each micro-step's count from the FLOP model, as training_step computed it
     from the collator's counts (transformers' estimate walks every parameter at every micro-step)."""
     import torch
-    from transformers import Trainer
 
     from internvl_chat.data.collator import BatchCounts
+    from internvl_chat.train import trainer as trainer_module
+    from internvl_chat.train.batch import TrainingBatch
     from internvl_chat.train.flops import FlopModel
-    from internvl_chat.train.trainer import COUNTS_KEY
 
     trainer = trainer_for(tmp_path)
     trainer.flop_model = FlopModel.from_config(trainer.model.config, lora_rank=8)
-    monkeypatch.setattr(Trainer, "training_step", lambda *args, **kwargs: torch.tensor(1.0))
-    inputs = {
-        COUNTS_KEY: BatchCounts(captions=2, lengths=[40, 36], supervised=9, caption_tokens=[[5], [4]]),
-        "pixel_values": torch.zeros(3, 3, 8, 8),
-        "input_ids": torch.zeros(2, 40, dtype=torch.long),
-    }
+    monkeypatch.setattr(trainer_module, "backward_micro_batch", lambda *args, **kwargs: torch.tensor(1.0))
+    inputs = TrainingBatch(
+        input_ids=torch.zeros(2, 40, dtype=torch.long),
+        pixel_values=torch.zeros(3, 3, 8, 8),
+        counts=BatchCounts(captions=2, lengths=[40, 36], supervised=9, caption_tokens=[[5], [4]]),
+        labels=torch.zeros(2, 40, dtype=torch.long),
+    )
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     trainer.training_step(trainer.model, inputs)
     expected = trainer.flop_model.train_step_flops(3, [40, 36], logit_positions=80)
     assert expected > 0 and trainer.floating_point_ops(inputs) == expected
@@ -240,8 +252,8 @@ def test_objects_alive_after_the_compiling_steps_are_frozen_until_training_ends(
 def test_flop_model_counts_the_last_layer_at_the_logit_positions_only():
     """With the last layer computed at the supervised rows (InternLM2), a 2B step's count drops by that layer's
     projections other than QKV (frozen and LoRA) at every other row: forward, activation and LoRA gradients."""
+    from internvl_chat.checkpoint.presets import preset_config_dict
     from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-    from internvl_chat.model.presets import preset_config_dict
     from internvl_chat.train.flops import FlopModel
 
     config = InternVLChatConfig(**preset_config_dict("InternVL2-2B"))

@@ -6,7 +6,7 @@ starts where the mistake can be seen then (seconds, not a model load per process
 |---|---|---|
 | checkpoint folder missing | evaluate.sh, launcher | ... does not exist; download it with tools/download_model.sh ... |
 | checkpoint without weights | evaluate.sh, launcher | ... has no weights (...); the download is incomplete |
-| test set not prepared | evaluate.sh | ... coco_karpathy_test.json does not exist: run tools/prepare_coco.sh ... |
+| test set not prepared | evaluate.sh | ... the Karpathy test json does not exist: run tools/prepare_coco.sh ... |
 | a test picture missing | evaluate.sh | N of the M coco test pictures are missing, the first ... |
 | GPUS not a number | evaluate.sh, launcher | GPUS must be a positive whole number, got 'two' |
 | batch that does not divide | launcher | BATCH_SIZE=5 is not a multiple of ... |
@@ -31,14 +31,16 @@ from pathlib import Path
 
 import pytest
 
+from internvl_chat.data.formats import ANNOTATIONS_FOLDER, KARPATHY_TEST_GT_JSON, KARPATHY_TEST_JSON
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "shell/internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora_coco.sh"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from internvl_chat.synthetic.checkpoint import build_checkpoint
-    from internvl_chat.synthetic.coco import make_synthetic_coco
+    from internvl_chat.devkit.checkpoint import build_checkpoint
+    from internvl_chat.devkit.coco import make_synthetic_coco
 
     root = tmp_path_factory.mktemp("mistakes")
     build_checkpoint(root / "model", seed=0, image_size=224)
@@ -84,7 +86,7 @@ def test_evaluation_refuses_what_it_cannot_use(world, tmp_path):
     assert_refused(evaluate(world, "no_weights"), "no_weights has no weights (model.safetensors")
     assert_refused(
         evaluate(world, "model", "--data-root", str(tmp_path)),
-        "coco_karpathy_test.json does not exist: run tools/prepare_coco.sh",
+        f"{KARPATHY_TEST_JSON} does not exist: run tools/prepare_coco.sh",
     )
     assert_refused(evaluate(world, "model", GPUS="two"), "evaluate.sh: GPUS must be a positive whole number, got 'two'")
     gone = next((world / "data/coco/val2014").glob("*.jpg"))
@@ -158,7 +160,7 @@ def test_a_bad_line_in_strict_mode_stops_the_processes_with_one_line(world, tmp_
 
 
 def test_scoring_refuses_results_it_cannot_read(world, tmp_path):
-    gt = world / "data/coco/annotations/coco_karpathy_test_gt.json"
+    gt = world / "data/coco" / ANNOTATIONS_FOLDER / KARPATHY_TEST_GT_JSON
     score = [sys.executable, str(REPO / "tools/score_captions.py")]
     (tmp_path / "broken.json").write_text('[{"image_id": 1, "caption": ')
     assert_refused(
@@ -200,25 +202,17 @@ def test_merge_refuses_to_overwrite_or_to_merge_nothing(world, tmp_path):
 def test_the_launchers_flag_check_knows_what_the_parser_takes():
     """The check before torchrun reads TrainingArguments' fields from transformers' source (importing it takes
     seconds): it must know exactly the flags the entry point's parser accepts."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from internvl_chat.train.arguments import (
-        DROPPED_FLAGS,
-        RENAMED_FLAGS,
-        DataTrainingArguments,
-        ModelArguments,
-        RunArguments,
-    )
+    from internvl_chat.train.arguments import CHECKPOINT_FACT_FLAGS, IGNORED_FLAGS, RENAMED_FLAGS, build_parser
     from internvl_chat.train.preflight import known_flags
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, RunArguments))
     accepted = {
         option[2:].replace("-", "_")  # --learning-rate spells --learning_rate too
-        for action in parser._actions
+        for action in build_parser()._actions
         for option in action.option_strings
         if option.startswith("--") and option != "--help"
     }
-    assert known_flags() == accepted | {flag[2:] for flag in (*RENAMED_FLAGS, *DROPPED_FLAGS)}
+    tutorial_flags = {flag[2:] for flag in (*RENAMED_FLAGS, *IGNORED_FLAGS, *CHECKPOINT_FACT_FLAGS)}
+    assert known_flags() == accepted | tutorial_flags
 
 
 def test_gpus_beyond_the_machine_stops_the_launcher(world, tmp_path):

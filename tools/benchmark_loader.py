@@ -13,23 +13,21 @@ them on one GPU with BATCH_SIZE 16; each picture loaded once).
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from internvl_chat.data.dataset import ImageGroupedDataset, build_datasets  # noqa: E402
-from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
-from internvl_chat.model.loader import load_tokenizer  # noqa: E402
-from internvl_chat.synthetic.checkpoint import tokenizer_corpus  # noqa: E402
-from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
-from internvl_chat.synthetic.tokenizer import build_tiny_tokenizer  # noqa: E402
-from internvl_chat.train.batch_layout import COUNTS_KEY, BatchLayout  # noqa: E402
+from internvl_chat.checkpoint.loader import load_tokenizer
+from internvl_chat.data.dataset import ImageGroupedDataset, build_datasets
+from internvl_chat.data.preprocess import ConversationTokenizer
+from internvl_chat.devkit.checkpoint import tokenizer_corpus
+from internvl_chat.devkit.coco import make_synthetic_coco
+from internvl_chat.devkit.tokenizer import build_tiny_tokenizer
+from internvl_chat.train.batch_layout import BatchLayout
+from internvl_chat.train.step_shape import decide_step_shape
 
 NUM_IMAGE_TOKEN = 256  # InternVL2's tokens per 448 px tile
 
@@ -39,7 +37,7 @@ def captions_per_second(loader, batches: int) -> tuple[float, int]:
     for number, batch in enumerate(loader):
         if number == batches:
             break
-        captions += batch[COUNTS_KEY].captions
+        captions += batch.counts.captions
     return captions / (time.perf_counter() - start), captions
 
 
@@ -73,7 +71,9 @@ def main() -> None:
         per_caption = BatchLayout(supervised_logits_only=True)
         # grouped: the micro-batches of whole pictures the trainer makes of 4 x --batch captions (one GPU, BATCH 16)
         grouped = BatchLayout(
-            supervised_logits_only=True, group_by_image=True, per_device_captions=args.batch, accumulation=4
+            supervised_logits_only=True,
+            group_by_image=True,
+            step=decide_step_shape(args.batch, 1, True, accumulation=4),
         )
         rows = [
             (

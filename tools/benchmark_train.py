@@ -33,187 +33,26 @@ built per shape any more (cuDNN execution plans, compiled graphs): compare modes
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
-import torch  # noqa: E402
-from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
-
-from internvl_chat.data.dataset import build_datasets  # noqa: E402
-from internvl_chat.data.preprocess import ConversationTokenizer  # noqa: E402
-from internvl_chat.model.conversation import IMG_CONTEXT_TOKEN  # noqa: E402
-from internvl_chat.model.loader import load_model, load_tokenizer  # noqa: E402
-from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
-from internvl_chat.synthetic.coco import make_synthetic_coco  # noqa: E402
-from internvl_chat.train.arguments import ModelArguments  # noqa: E402
-from internvl_chat.train.batch_layout import COUNTS_KEY, WEIGHTS_KEY, BatchLayout, caption_weights  # noqa: E402
-from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
-from internvl_chat.train.model_setup import compile_blocks, prepare_for_training  # noqa: E402
-
-FLAGS = ("supervised_logits_only", "no_grad_checkpoint", "compile_blocks", "group_by_image")
-PRESETS = {
-    "fast": "supervised_logits_only+no_grad_checkpoint+compile_blocks",
-    "fast_grouped": "supervised_logits_only+no_grad_checkpoint+compile_blocks+group_by_image",
-}
-DEFAULT_MODES = "faithful,fast,fast_grouped"
-
-
-def parse_mode(text: str) -> frozenset:
-    flags = frozenset(PRESETS.get(text, text).split("+")) - {"faithful"}
-    unknown = flags - set(FLAGS)
-    if unknown:
-        raise ValueError(
-            f"unknown flag(s) {sorted(unknown)} in mode {text!r}; known: faithful, "
-            f"{', '.join(FLAGS)}, {', '.join(PRESETS)}"
-        )
-    return flags
-
-
-def mode_name(flags: frozenset) -> str:
-    return "+".join(flag for flag in FLAGS if flag in flags) or "faithful"
-
-
-def layout_of(flags: frozenset, attention: str | None, args) -> BatchLayout:
-    return BatchLayout(
-        group_by_image="group_by_image" in flags,
-        supervised_logits_only="supervised_logits_only" in flags,
-        requested_attention=attention,
-        per_device_captions=args.batch,
-        accumulation=args.accumulation,
-    )
-
-
-def prepare_data(args, model_dir: Path, work: Path) -> dict:
-    """Each optimizer step's micro-batches of dataset items, as the trainer would draw them on one GPU with
-    PER_DEVICE_BATCH_SIZE --batch and an accumulation of --accumulation: per caption, --accumulation micro-batches
-    of --batch random captions; grouped by image, whole pictures with about --batch x --accumulation captions in
-    fewer micro-batches (BatchLayout.trainer_step_shape). With --same-captions, the per-caption steps take exactly
-    the grouped steps' captions, cut into micro-batches of --batch in their order."""
-    from internvl_chat.data.samplers import ImageGroupedBatchSampler
-    from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-
-    tokenizer = load_tokenizer(model_dir)
-    config = InternVLChatConfig.from_pretrained(model_dir)
-    steps = args.steps + args.warmup
-    images = (args.batch * args.accumulation * steps) // 4 + 8  # enough pictures of 5 captions, with a margin
-    make_synthetic_coco(
-        work / "coco",
-        train_images=images,
-        test_images=1,
-        seed=0,
-        image_size=None if args.coco_sizes else (640, 480),
-        meta_path=work / "meta.json",
-        force=True,
-    )
-    image_tokens = int((config.tile_size // config.vision_config.patch_size) ** 2 * config.downsample_ratio**2)
-    encoder = ConversationTokenizer(tokenizer, config.template, image_tokens, 4096)
-    dataset = build_datasets(work / "meta.json", encoder, image_size=config.tile_size, max_dynamic_patch=6)
-    _, micro_batches = layout_of(frozenset({"group_by_image"}), None, args).trainer_step_shape()
-    sampler = ImageGroupedBatchSampler(
-        dataset.datasets[0].image_groups(), args.batch * args.accumulation, micro_batches
-    )
-    batches = list(sampler)
-    grouped = [
-        [[dataset[i] for i in batch] for batch in batches[step * micro_batches : (step + 1) * micro_batches]]
-        for step in range(steps)
-    ]
-    if args.same_captions:
-        per_caption = [
-            [items[start : start + args.batch] for start in range(0, len(items), args.batch)]
-            for items in ([item for batch in step for item in batch] for step in grouped)
-        ]
-    else:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        per_step = args.batch * args.accumulation
-        per_caption = [
-            [
-                [dataset[order[step * per_step + micro * args.batch + i]] for i in range(args.batch)]
-                for micro in range(args.accumulation)
-            ]
-            for step in range(steps)
-        ]
-    return {"per_caption": per_caption, "grouped": grouped}
-
-
-def set_up(model_dir: Path, flags: frozenset, args, device):
-    """The model as the trainer sets it up for this mode, its layout and a fresh AdamW on the adapters."""
-    layout = layout_of(flags, args.attn_implementation, args)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(model_dir, dtype=dtype, device=device, attn_implementation=layout.attn_implementation())
-    model.img_context_token_id = load_tokenizer(model_dir).convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    model_args = ModelArguments(
-        freeze_llm=True,
-        freeze_backbone=True,
-        freeze_mlp=True,
-        use_llm_lora=128,
-        lora_dropout=args.lora_dropout,
-        grad_checkpoint="no_grad_checkpoint" not in flags,
-    )
-    torch.manual_seed(0)  # the same initial adapters in every mode
-    prepare_for_training(model, model_args)
-    if "compile_blocks" in flags:
-        torch._dynamo.reset()  # each compiled mode compiles what it needs, as a run of its own
-        compile_blocks(model)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=device.type == "cuda"
-    )
-    return model, layout, optimizer
-
-
-def device_steps(layout: BatchLayout, steps: list[list[list[dict]]], device) -> list[list[dict]]:
-    """Each step's micro-batches collated by the layout (grouped: with their loss weights for the step, as the
-    trainer's get_batch_samples sets them), on the device, where the Trainer's batches are when compute_loss runs."""
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    collate = layout.collator(dtype)
-    result = []
-    for step in steps:
-        batches = [collate(items) for items in step]
-        if layout.group_by_image:
-            step_captions = sum(batch[COUNTS_KEY].captions for batch in batches)
-            for batch, weights in zip(batches, caption_weights(batches, layout.per_device_captions, step_captions)):
-                batch[WEIGHTS_KEY] = weights
-        result.append(
-            [
-                {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-                for batch in batches
-            ]
-        )
-    return result
-
-
-def train_step(model, layout: BatchLayout, step: list[dict], optimizer, device) -> torch.Tensor:
-    """Forward and backward of each micro-batch, then AdamW. Per caption, a micro-batch's loss weighs its share of
-    the step's captions (1 / accumulation for full micro-batches, as the Trainer divides; with --same-captions the
-    last micro-batch of a step may be short); grouped, the loss weights already say it and the loss is divided by
-    the micro-batches, as the Trainer does. bf16 autocast over fp32 adapters, as the Trainer's --bf16 (DeepSpeed's
-    bf16 casts the adapters instead)."""
-    total = 0.0
-    step_captions = sum(batch[COUNTS_KEY].captions for batch in step)
-    for batch in step:
-        share = 1 / len(step) if layout.group_by_image else batch[COUNTS_KEY].captions / step_captions
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**layout.model_inputs(batch)).loss * share
-        loss.backward()
-        total = total + loss.detach()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-def timed_pass(model, layout, steps, optimizer, device, losses: list) -> float:
-    """Seconds for training steps. Losses stay on the device until the end, as in the Trainer, which reads them
-    only when it logs: a read every step would make the host wait for each step's last kernel."""
-    synchronize(device)
-    start = time.perf_counter()
-    for step in steps:
-        losses.append(train_step(model, layout, step, optimizer, device))
-    synchronize(device)
-    return time.perf_counter() - start
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.devkit.train_benchmark import (
+    DEFAULT_MODES,
+    device_steps,
+    mode_name,
+    parse_mode,
+    prepare_data,
+    set_up,
+    synchronize,
+    timed_pass,
+    train_step,
+)
+from internvl_chat.train.flops import FlopModel, peak_tflops
 
 
 def measure_mode(model_dir, flags, steps, args, device, peak) -> dict:
@@ -259,21 +98,12 @@ def measure_mode(model_dir, flags, steps, args, device, peak) -> dict:
     return row
 
 
-def step_work(steps, layout: BatchLayout, flop_model) -> tuple[int, int, float]:
+def step_work(steps, layout, flop_model) -> tuple[int, int, float]:
     """Captions, tokens and model FLOPs of the steps, from the collator's counts (as the Trainer logs them)."""
-    captions, tokens, flops = 0, 0, 0.0
-    for batch in (batch for step in steps for batch in step):
-        counts = batch[COUNTS_KEY]
-        positions = counts.supervised if layout.uses_loss_rows else batch["input_ids"].numel()
-        captions += counts.captions
-        tokens += sum(counts.lengths)
-        flops += flop_model.train_step_flops(int(batch["pixel_values"].shape[0]), counts.lengths, positions)
-    return captions, tokens, flops
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    batches = [batch for step in steps for batch in step]
+    captions = sum(batch.counts.captions for batch in batches)
+    tokens = sum(sum(batch.counts.lengths) for batch in batches)
+    return captions, tokens, sum(flop_model.batch_flops(batch, layout.uses_loss_rows) for batch in batches)
 
 
 def memory_stats(device) -> dict:

@@ -133,3 +133,9 @@ class InternVLChatConfig(PretrainedConfig):
     def tile_size(self) -> int:
         """The side of one image tile: force_image_size when set (InternVL2: 448), else the ViT's own size."""
         return self.force_image_size or self.vision_config.image_size
+
+    @property
+    def num_image_token(self) -> int:
+        """<IMG_CONTEXT> tokens a tile: (tile / patch)^2 ViT patches, merged downsample_ratio^-2 to one by the pixel
+        shuffle (InternVL2: 448 / 14 = 32, 32^2 / 4 = 256)."""
+        return int((self.tile_size // self.vision_config.patch_size) ** 2 * self.downsample_ratio**2)

@@ -66,8 +66,8 @@ class InternVisionEmbeddings(nn.Module):
 
     def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, H/p * W/p, C]: the patch convolution (kernel = stride = p), computed as one matmul
-        over the flattened patches when they tile the image exactly: on an H100, 8 ms per 896 tiles against 54 ms
-        for cuDNN's generic implicit-GEMM kernel (the same products, summed in another order)."""
+        over the flattened patches when they tile the image exactly, several times faster on a GPU than cuDNN's
+        generic implicit-GEMM kernel for this shape (the same products, summed in another order)."""
         conv = self.patch_embedding
         batch, channels, height, width = pixel_values.shape
         p = self.patch_size

@@ -119,7 +119,6 @@ class InternVLChatModel(PreTrainedModel):
         self.template = config.template
         self.downsample_ratio = config.downsample_ratio
         self.ps_version = config.ps_version
-        self.num_image_token = int((config.tile_size // self.patch_size) ** 2 * config.downsample_ratio**2)
 
         arch = config.llm_config.architectures[0]
         if arch not in LLM_CLASSES:
@@ -139,28 +138,40 @@ class InternVLChatModel(PreTrainedModel):
         self.system_message = getattr(config, "system_message", self.conv_template.system_message)
 
         if config.use_backbone_lora:
-            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+            self.wrap_backbone_lora(r=config.use_backbone_lora)
         if config.use_llm_lora:
-            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+            self.wrap_llm_lora(r=config.use_llm_lora)
         self.post_init()
 
+    @property
+    def num_image_token(self) -> int:
+        """<IMG_CONTEXT> tokens a tile (InternVLChatConfig.num_image_token)."""
+        return self.config.num_image_token
+
+    @property
+    def base_language_model(self) -> PreTrainedModel:
+        """The LLM itself: under LoRA, the model inside PEFT's wrapper (whose layers hold the adapters)."""
+        llm = self.language_model
+        return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
     # ------------------------------------------------------------------ LoRA
-    def wrap_backbone_lora(self, r=128, lora_alpha=256, lora_dropout=0.05):
+    # The original's adapters: alpha twice the rank (so a rank-128 adapter scales by 2), dropout 0.05 on its input.
+    def wrap_backbone_lora(self, r: int = 128, lora_alpha: int | None = None, lora_dropout: float = 0.05):
         from peft import LoraConfig, get_peft_model
 
         lora_config = LoraConfig(
-            r=r, target_modules=list(BACKBONE_LORA_TARGETS), lora_alpha=lora_alpha, lora_dropout=lora_dropout
+            r=r, target_modules=list(BACKBONE_LORA_TARGETS), lora_alpha=lora_alpha or 2 * r, lora_dropout=lora_dropout
         )
         self.vision_model = get_peft_model(self.vision_model, lora_config)
         self.vision_model.print_trainable_parameters()
 
-    def wrap_llm_lora(self, r=128, lora_alpha=256, lora_dropout=0.05):
+    def wrap_llm_lora(self, r: int = 128, lora_alpha: int | None = None, lora_dropout: float = 0.05):
         from peft import LoraConfig, get_peft_model
 
         lora_config = LoraConfig(
             r=r,
             target_modules=list(LLM_LORA_TARGETS[self.config.llm_config.architectures[0]]),
-            lora_alpha=lora_alpha,
+            lora_alpha=lora_alpha or 2 * r,
             lora_dropout=lora_dropout,
             task_type="CAUSAL_LM",
         )
@@ -226,9 +237,8 @@ class InternVLChatModel(PreTrainedModel):
     def _llm_cache_keyword(self) -> str:
         """The name under which the LLM's forward takes the KV cache: transformers 5.24 renamed past_key_values to
         cache in its own models (the old name warns, and goes in 5.40); InternLM2's forward here keeps the old."""
-        llm = self.language_model
-        llm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-        return "cache" if "cache" in inspect.signature(type(llm).forward).parameters else "past_key_values"
+        forward = type(self.base_language_model).forward
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     def forward(
         self,
@@ -240,7 +250,6 @@ class InternVLChatModel(PreTrainedModel):
         past_key_values=None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         loss_rows: LossRows | None = None,
@@ -287,7 +296,7 @@ class InternVLChatModel(PreTrainedModel):
 
     def _loss_at_rows(self, inputs_embeds, attention_mask, position_ids, loss_rows: LossRows, matched, **kwargs):
         llm = self.language_model
-        decoder = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).model  # PEFT keeps its adapters
+        decoder = self.base_language_model.model
         inputs = dict(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -371,8 +380,6 @@ class InternVLChatModel(PreTrainedModel):
         history=None,
         return_history: bool = False,
         num_patches_list=None,
-        IMG_START_TOKEN=None,
-        IMG_END_TOKEN=None,
         IMG_CONTEXT_TOKEN=IMG_CONTEXT_TOKEN,
         verbose: bool = False,
     ):
@@ -406,8 +413,6 @@ class InternVLChatModel(PreTrainedModel):
         num_patches_list=None,
         history=None,
         return_history: bool = False,
-        IMG_START_TOKEN=None,
-        IMG_END_TOKEN=None,
         IMG_CONTEXT_TOKEN=IMG_CONTEXT_TOKEN,
         verbose: bool = False,
         image_counts=None,

@@ -1,11 +1,13 @@
 """Command-line arguments of the fine-tuning entry point, with the original script's names and defaults.
 
-Three groups as in the original: model, data, and transformers' TrainingArguments. A few flags that the
-original's transformers 4.37 accepted and transformers 5 dropped are mapped here, so the tutorial's command
-lines run unchanged.
+The original's groups (model, data, transformers' TrainingArguments), the fast modes' own group and the run's. A
+few flags that the original's transformers 4.37 accepted and transformers 5 dropped, and a few the tutorial's
+launchers pass that change nothing here, are handled in one list below, so the tutorial's command lines run
+unchanged.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -24,7 +26,6 @@ class ModelArguments:
     unfreeze_lm_head: bool = field(default=False, metadata={"help": "train the LM head"})
     grad_checkpoint: bool = field(default=True, metadata={"help": "gradient checkpointing in the LLM"})
     drop_path_rate: float = field(default=0.0, metadata={"help": "ViT stochastic depth"})
-    ps_version: str = field(default="v2", metadata={"help": "pixel shuffle version (v2 for InternVL2)"})
     attn_implementation: str | None = field(
         default=None,
         metadata={
@@ -48,7 +49,6 @@ class DataTrainingArguments:
     )
     max_seq_length: int = field(default=4096, metadata={"help": "longest sample in tokens (image tokens count)"})
     force_image_size: int = field(default=448, metadata={"help": "tile size"})
-    down_sample_ratio: float = field(default=0.5, metadata={"help": "must equal the checkpoint's downsample_ratio"})
     conv_style: str = field(default="internlm2-chat", metadata={"help": "chat template"})
     dynamic_image_size: bool = field(default=False, metadata={"help": "tile images (dynamic resolution)"})
     use_thumbnail: bool = field(default=False, metadata={"help": "add a thumbnail tile when there are several"})
@@ -62,32 +62,20 @@ class DataTrainingArguments:
     )
     normalize_type: str = field(default="imagenet", metadata={"help": "imagenet | clip | siglip"})
     group_by_length: bool = field(default=False, metadata={"help": "the original's length-grouped sampler"})
-    group_by_image: bool = field(
-        default=False,
-        metadata={
-            "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
-            "caption seeing only the prompt and itself). A step holds the tutorial's captions (whole pictures, about "
-            "BATCH_SIZE of them) and the tutorial's loss weighting, in fewer, larger micro-batches"
-        },
-    )
     strict_data: bool = field(default=False, metadata={"help": "stop at the first bad sample instead of skipping"})
 
 
 @dataclass
-class RunArguments:
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "accepted for the tutorial's command line; a run always resumes from its last complete checkpoint "
-            "unless --auto_resume False"
-        },
-    )
-    auto_resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint-*"})
+class FastModeArguments:
+    """The fast modes: each keeps the tutorial's loss and gradients on the same captions (docs/PERFORMANCE.md says
+    what each changes for the user)."""
+
     supervised_logits_only: bool = field(
         default=False,
         metadata={
-            "help": "fast mode: the LM head only at supervised positions, and for InternLM2 the last decoder layer too "
-            "(same loss and gradients as the original, without full-vocabulary logits at every position)"
+            "help": "fast mode: the LM head only at supervised positions, and the last decoder layer of an LLM that "
+            "takes output rows (InternLM2) only there too (same loss and gradients as the original, without "
+            "full-vocabulary logits at every position)"
         },
     )
     compile_blocks: bool = field(
@@ -97,6 +85,27 @@ class RunArguments:
             "steps compile, a minute or two)"
         },
     )
+    group_by_image: bool = field(
+        default=False,
+        metadata={
+            "help": "fast mode: one sequence per picture (its prompt and image once, every caption after it, each "
+            "caption seeing only the prompt and itself). A step holds the tutorial's captions (whole pictures, about "
+            "BATCH_SIZE of them) and the tutorial's loss weighting, in fewer, larger micro-batches"
+        },
+    )
+
+
+@dataclass
+class RunArguments:
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "captions an optimizer step on all processes (the launchers pass their BATCH_SIZE): the "
+            "micro-batches a step follow from it, --per_device_train_batch_size and the number of processes "
+            "(instead of --gradient_accumulation_steps)"
+        },
+    )
+    auto_resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint-*"})
     peak_tflops: float | None = field(
         default=None,
         metadata={"help": "accelerator bf16 dense peak for MFU (default: known cards, e.g. 989 for H100/H200)"},
@@ -121,28 +130,93 @@ class RunArguments:
 # transformers 4.37 names -> transformers 5 names
 # (--warmup_steps below 1 is a ratio of the total steps in transformers 5: ceil(0.03 x 1106) = 34, as before)
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
-DROPPED_FLAGS = {"--save_safetensors"}  # always on in transformers 5
+# Flags the tutorial's launchers pass (and users copy) that change nothing here: accepted, and ignored, for the reason
+# given.
+IGNORED_FLAGS = {
+    "--overwrite_output_dir": "a run always resumes from its last complete checkpoint-* (--auto_resume False starts "
+    "afresh in the same folder)",
+    "--save_safetensors": "transformers 5 always writes safetensors",
+}
+# Flags the tutorial's launchers pass that name a fact of the checkpoint: accepted when they agree with its config.json
+# field (and then change nothing), refused when they do not; flag -> the config field.
+CHECKPOINT_FACT_FLAGS = {"--down_sample_ratio": "downsample_ratio", "--ps_version": "ps_version"}
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
-    out, skip_value = [], False
-    for arg in argv:
-        if skip_value:
-            skip_value = False
-            if not arg.startswith("--"):
-                continue
-        name, eq, value = arg.partition("=")
-        if name in DROPPED_FLAGS:
-            skip_value = not eq
+class ArgumentError(ValueError):
+    """A command line that contradicts itself or the checkpoint; the message names the flag."""
+
+
+class FineTuneArguments(NamedTuple):
+    model: ModelArguments
+    data: DataTrainingArguments
+    fast: FastModeArguments
+    training: object  # transformers.TrainingArguments
+    run: RunArguments
+    checkpoint_facts: dict[str, str]  # config field -> the value a CHECKPOINT_FACT_FLAGS flag gave
+
+
+def split_tutorial_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv for the parser (renamed flags renamed, ignored ones left out), and the checkpoint facts it states."""
+    out, facts, index = [], {}, 0
+    while index < len(argv):
+        name, eq, value = argv[index].partition("=")
+        has_separate_value = not eq and index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        if name in IGNORED_FLAGS or name in CHECKPOINT_FACT_FLAGS:
+            if has_separate_value:
+                value, index = argv[index + 1], index + 1
+            if name in CHECKPOINT_FACT_FLAGS:
+                facts[CHECKPOINT_FACT_FLAGS[name]] = value
+        else:
+            out.append(RENAMED_FLAGS.get(name, name) + eq + value)
+        index += 1
+    return out, facts
+
+
+def checkpoint_fact_problems(facts: dict[str, str], config: dict, config_file) -> list[str]:
+    """Where a CHECKPOINT_FACT_FLAGS flag contradicts the checkpoint's config.json (read without torch)."""
+    problems = []
+    for flag, name in CHECKPOINT_FACT_FLAGS.items():
+        if name not in facts:
             continue
-        out.append(RENAMED_FLAGS.get(name, name) + eq + value)
-    return out
+        given, actual = facts[name].strip("'\""), config.get(name)
+        try:
+            agrees = float(given) == float(actual) if isinstance(actual, (int, float)) else given == actual
+        except ValueError:
+            agrees = False
+        if not agrees:
+            problems.append(
+                f"{flag} {given} contradicts the checkpoint: {config_file} has {name} {actual!r}; leave the flag out "
+                "or give the checkpoint's value"
+            )
+    return problems
 
 
-def parse_args(argv: list[str]):
+def tutorial_flags_help() -> str:
+    lines = ["flags of the tutorial's launchers accepted for their command lines:"]
+    lines += [f"  {flag}: ignored: {reason}" for flag, reason in IGNORED_FLAGS.items()]
+    lines += [f"  {flag}: must equal the checkpoint's {field}" for flag, field in CHECKPOINT_FACT_FLAGS.items()]
+    return "\n".join(lines)
+
+
+def build_parser():
+    import argparse
+
     from transformers import HfArgumentParser, TrainingArguments  # here: the launcher's checks import this module
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, RunArguments))
+    return HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, FastModeArguments, TrainingArguments, RunArguments),
+        prog="internvl-finetune",
+        description="Fine-tune InternVL2 (full or LoRA) on chat-format jsonl data; the launchers in "
+        "shell/internvl2.0/2nd_finetune/ start it with torchrun.",
+        epilog=tutorial_flags_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_args(argv: list[str]) -> FineTuneArguments:
+    """The command line, parsed once."""
+    parser = build_parser()
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=normalize_argv(argv))
+        return FineTuneArguments(*parser.parse_json_file(argv[0]), {})
+    argv, facts = split_tutorial_flags(argv)
+    return FineTuneArguments(*parser.parse_args_into_dataclasses(args=argv), facts)

@@ -28,14 +28,12 @@ from ..data.preprocess import IGNORE_INDEX
 from ..data.samplers import ImageGroupedBatchSampler, LengthGroupedSampler
 from ..model.modeling_internvl_chat import LossRows
 from .attention import PREFIX_SPLIT_ATTENTION, block_mask_from_dense, causal_head_length
-from .step_shape import grouped_step_shape
+from .batch import TrainingBatch
+from .step_shape import StepShape, decide_step_shape
 
 logger = logging.getLogger("internvl_chat.train")
 # The LLM attentions that take the [B, 1, L, L] mask of sequences grouped by image; flash attention does not.
 GROUPED_ATTENTIONS = (PREFIX_SPLIT_ATTENTION, "flex_attention", "sdpa", "eager")
-COUNTS_KEY = "batch_counts"  # what TrainingCollator counted; taken out before the forward
-LOSS_KEYS = ("loss_positions", "loss_targets", "loss_rows_mask")
-WEIGHTS_KEY = "loss_weights"  # grouped by image: each loss row's weight (caption_weights), set for a whole step
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,15 @@ class BatchLayout:
     supervised_logits_only: bool = False
     # the attention asked for with --attn_implementation (None: the model's default)
     requested_attention: str | None = None
-    # the tutorial's step as the launcher computed it: captions a micro-batch (PER_DEVICE_BATCH_SIZE) and
-    # micro-batches a step (the gradient accumulation), on each rank
-    per_device_captions: int = 4
-    accumulation: int = 1
+    # the run's step (step_shape.decide_step_shape); None: 4 micro-batches of 4 captions, as the demo's
+    step: StepShape | None = None
     llm_attention: str | None = field(init=False, default=None)
 
     def __post_init__(self):
+        if self.step is None:
+            object.__setattr__(self, "step", decide_step_shape(4, 1, self.group_by_image, accumulation=4))
+        if self.step.micro_batch != self.step.per_device_captions and not self.group_by_image:
+            raise ValueError("only a layout grouped by image reshapes the tutorial's micro-batches")
         if self.group_by_image and self.group_by_length:
             raise ValueError("--group_by_image orders whole pictures; it cannot also follow --group_by_length")
         if self.group_by_image:
@@ -63,29 +63,20 @@ class BatchLayout:
             object.__setattr__(self, "llm_attention", self.requested_attention)
 
     @classmethod
-    def from_arguments(cls, model_args, data_args, training_args, run_args) -> "BatchLayout":
+    def from_arguments(cls, model_args, data_args, fast_args, step: StepShape) -> "BatchLayout":
         return cls(
-            group_by_image=data_args.group_by_image,
-            group_by_length=data_args.group_by_length and not data_args.group_by_image,
-            supervised_logits_only=run_args.supervised_logits_only,
+            group_by_image=fast_args.group_by_image,
+            group_by_length=data_args.group_by_length and not fast_args.group_by_image,
+            supervised_logits_only=fast_args.supervised_logits_only,
             requested_attention=model_args.attn_implementation,
-            per_device_captions=training_args.per_device_train_batch_size,
-            accumulation=training_args.gradient_accumulation_steps,
+            step=step,
         )
 
     @property
     def uses_loss_rows(self) -> bool:
         """The loss through LossRows: with supervised logits only, and grouped by image, where each caption's rows
-        carry the weight that keeps the tutorial's loss (caption_weights)."""
+        carry the weight that keeps the tutorial's loss (step.caption_weights)."""
         return self.supervised_logits_only or self.group_by_image
-
-    def trainer_step_shape(self) -> tuple[int, int]:
-        """(per_device_train_batch_size, gradient_accumulation_steps) for transformers and DeepSpeed. Per caption,
-        the tutorial's; grouped by image, the same captions a step in fewer, larger micro-batches of whole pictures
-        (step_shape.grouped_step_shape)."""
-        if not self.group_by_image:
-            return self.per_device_captions, self.accumulation
-        return grouped_step_shape(self.per_device_captions, self.accumulation)
 
     def describe(self) -> str:
         parts = ["grouped by image" if self.group_by_image else "per caption"]
@@ -107,9 +98,7 @@ class BatchLayout:
     def computes_last_layer_at_rows(self, model) -> bool:
         """With supervised logits only, an LLM whose decoder takes output rows (InternLM2) computes its last layer
         at the supervised rows only (LossRows.mask); the FLOP count follows that."""
-        llm = model.language_model
-        decoder = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).model
-        return self.supervised_logits_only and getattr(decoder, "supports_output_rows", False)
+        return self.supervised_logits_only and getattr(model.base_language_model.model, "supports_output_rows", False)
 
     # ------------------------------------------------------------------ order and batches
     def sampler(
@@ -126,46 +115,38 @@ class BatchLayout:
         (per-device batch x accumulation on each rank), the pictures in a seeded random order."""
         from ..data.dataset import image_groups
 
-        _, micro_batches = self.trainer_step_shape()
         return ImageGroupedBatchSampler(
-            image_groups(dataset), self.per_device_captions * self.accumulation, micro_batches, world_size, seed
+            image_groups(dataset), self.step.captions_per_process, self.step.micro_batches, world_size, seed
         )
 
     def step_summary(self, dataset: ConcatDataset, world_size: int, seed: int) -> str:
         """Steps an epoch, captions and pictures a step (all ranks), as the run will take them."""
+        step = self.step
         if not self.group_by_image:
-            captions = self.per_device_captions * self.accumulation * world_size
+            captions = step.captions_per_process * world_size
             return (
                 f"{len(dataset) // captions:,} optimizer steps an epoch, {captions} captions a step (one picture "
-                f"each, {self.per_device_captions} a micro-batch, {self.accumulation} micro-batches a step)"
+                f"each, {step.per_device_captions} a micro-batch, {step.accumulation} micro-batches a step on each "
+                f"of {world_size} process(es))"
             )
         sampler = self.batch_sampler(dataset, world_size, seed)
         pictures = sampler.steps_of_pictures()
         captions = sum(len(sampler.groups[picture]) for bucket in pictures for picture in bucket)
-        micro_captions, micro_batches = self.trainer_step_shape()
         return (
             f"{sampler.steps:,} optimizer steps an epoch, {captions / max(sampler.steps, 1):.1f} captions a step "
-            f"on average (the tutorial's {self.per_device_captions * self.accumulation * world_size}) of "
+            f"on average (the tutorial's {step.captions_per_process * world_size}) of "
             f"{sum(len(bucket) for bucket in pictures) / max(sampler.steps, 1):.1f} whole pictures; "
-            f"{micro_batches} micro-batch(es) a step of up to about {micro_captions} captions"
+            f"{step.micro_batches} micro-batch(es) a step of up to about {step.micro_batch} captions on each of "
+            f"{world_size} process(es)"
         )
 
     def collator(self, float_dtype: torch.dtype | None = None) -> "TrainingCollator":
         return TrainingCollator(self, float_dtype)
 
-    def model_inputs(self, batch: dict) -> dict:
-        """A collated batch on the device -> the model's keyword arguments: the counts taken out, the loss rows as
-        LossRows, and on a GPU the mask that flex attention reads as a BlockMask (built from the dense mask's
-        blocks, on the device)."""
-        inputs = {
-            key: value for key, value in batch.items() if key not in (COUNTS_KEY, WEIGHTS_KEY) and key not in LOSS_KEYS
-        }
-        if self.uses_loss_rows:
-            positions, targets, mask = (batch[key] for key in LOSS_KEYS)
-            if not self.supervised_logits_only:  # grouped with full logits: the whole last layer, then its rows
-                mask = None
-            inputs["loss_rows"] = LossRows(positions, targets, mask, batch.get(WEIGHTS_KEY))
-            inputs.pop("labels", None)
+    def model_inputs(self, batch: TrainingBatch) -> dict:
+        """A batch on the device -> the model's keyword arguments; on a GPU the mask that flex attention reads as a
+        BlockMask (built from the dense mask's blocks, on the device)."""
+        inputs = batch.forward_arguments()
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool:
             if self.llm_attention == "flex_attention" or (
@@ -196,11 +177,15 @@ class TrainingCollator:
         self.float_dtype = float_dtype
         self.collate = image_grouped_collator if layout.group_by_image else concat_pad_data_collator
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list[dict]) -> TrainingBatch:
         batch = self.collate(features)
-        batch[COUNTS_KEY] = batch_counts(batch)
+        counts = batch_counts(batch)
+        labels, rows = batch.pop("labels"), None
         if self.layout.uses_loss_rows:
-            batch.update(zip(LOSS_KEYS, loss_rows(batch["labels"], batch.get("attention_mask"))))
+            positions, targets, rows_mask = loss_rows(labels, batch.get("attention_mask"))
+            if not self.layout.supervised_logits_only:  # grouped with full logits: the whole last layer, then its rows
+                rows_mask = None
+            rows, labels = LossRows(positions, targets, rows_mask), None
         if "image_flags" in batch and bool(batch["image_flags"].all()):
             del batch["image_flags"]
         mask = batch.get("attention_mask")
@@ -214,7 +199,7 @@ class TrainingCollator:
             del batch["position_ids"]
         if self.float_dtype is not None:
             batch["pixel_values"] = batch["pixel_values"].to(self.float_dtype)
-        return batch
+        return TrainingBatch(counts=counts, labels=labels, loss_rows=rows, **batch)
 
     def mask_for_attention(self, mask: torch.Tensor) -> torch.Tensor:
         attention = self.layout.llm_attention
@@ -270,37 +255,3 @@ def loss_rows(
     # A spare slot's position may see no key at all (a pad); seeing itself keeps its discarded output finite,
     # which matters: 0 x NaN in the backward would still be NaN.
     return positions, slot_targets, (allowed | own)[:, None]
-
-
-def caption_weights(
-    batches: list[dict], per_device_captions: int, step_captions: int | torch.Tensor, ranks: int = 1
-) -> list[torch.Tensor]:
-    """Each loss row's weight in one optimizer step of grouped micro-batches on one rank, [B, R] a micro-batch, on
-    the device of the batch's loss targets: the tutorial's loss, generalised to a step of any number of captions.
-
-    The tutorial's step is the mean, over its micro-batches of PER_DEVICE_BATCH_SIZE captions on all ranks, of each
-    micro-batch's token-mean loss: every caption weighs 1 / BATCH_SIZE, its tokens token-meaned within its
-    micro-batch. A grouped step holds whole pictures, about BATCH_SIZE captions but not exactly; each rank's captions
-    are cut in order into runs of per_device_captions that stand for the tutorial's micro-batches, and a run of n
-    captions weighs n / step_captions (step_captions: the step's captions on all ranks, a number or a tensor on the
-    device, so that a sum over the ranks needs no wait for the GPU), its tokens token-meaned within it. So a token
-    weighs (captions of its run) / (step_captions x tokens of its run): the step's loss is a mean over its captions
-    whatever their number, and a step of exactly BATCH_SIZE captions has the gradient of the tutorial's micro-batches
-    made of those runs (tested). The weights are multiplied by the rank's micro-batches, which the Trainer divides
-    each micro-batch's loss by, and by the ranks, whose gradients are averaged."""
-    tokens = [count for batch in batches for row in batch[COUNTS_KEY].caption_tokens for count in row]
-    runs = [tokens[start : start + per_device_captions] for start in range(0, len(tokens), per_device_captions)]
-    scale = len(batches) * ranks
-    weights_of_captions = [scale * len(run) / sum(run) for run in runs for _ in run]
-    result, cursor = [], 0
-    for batch in batches:
-        targets = batch[LOSS_KEYS[1]]
-        weights = torch.zeros(targets.shape, dtype=torch.float32)
-        for row, counts in enumerate(batch[COUNTS_KEY].caption_tokens):
-            row_weights = [
-                weights_of_captions[cursor + index] for index, count in enumerate(counts) for _ in range(count)
-            ]
-            weights[row, : len(row_weights)] = torch.tensor(row_weights)
-            cursor += len(counts)
-        result.append(weights.to(targets.device, non_blocking=True) / step_captions)
-    return result

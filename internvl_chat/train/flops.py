@@ -65,7 +65,7 @@ class FlopModel:
             vit_layers=vision.num_hidden_layers,
             vit_tokens=(tile // vision.patch_size) ** 2 + 1,
             patch_size=vision.patch_size,
-            image_tokens=int((tile // vision.patch_size) ** 2 * config.downsample_ratio**2),
+            image_tokens=config.num_image_token,
             llm_hidden=hidden,
             llm_matmul_params=llm.num_hidden_layers * per_layer,
             llm_layers=llm.num_hidden_layers,
@@ -103,3 +103,10 @@ class FlopModel:
 
     def train_step_flops(self, tiles: int, sequence_lengths: list[int], logit_positions: int) -> float:
         return self.vision_flops(tiles) + self.llm_flops(sequence_lengths, logit_positions)
+
+    def batch_flops(self, batch, logits_at_rows: bool) -> float:
+        """A collated TrainingBatch's training FLOPs: the LM head at its loss rows only when the loss reads rows
+        (BatchLayout.uses_loss_rows), else at every position."""
+        counts = batch.counts
+        logit_positions = counts.supervised if logits_at_rows else batch.input_ids.numel()
+        return self.train_step_flops(batch.tiles, counts.lengths, logit_positions)

@@ -14,6 +14,11 @@ from ..model.modeling_internvl_chat import InternVLChatModel
 logger = logging.getLogger("internvl_chat.train")
 
 
+def compute_dtype(training_args) -> torch.dtype:
+    """The dtype the model is loaded in and computes in, and the loader casts the pixels to: --bf16, --fp16, or fp32."""
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
 def load_model(model_args, data_args, dtype: torch.dtype, tokenizer, attn_implementation) -> InternVLChatModel:
     """The checkpoint with the fine-tune's settings written into its config (they are saved with the result)."""
     path = model_args.model_name_or_path
@@ -23,7 +28,6 @@ def load_model(model_args, data_args, dtype: torch.dtype, tokenizer, attn_implem
     config.select_layer = model_args.vision_select_layer
     config.dynamic_image_size = data_args.dynamic_image_size
     config.use_thumbnail = data_args.use_thumbnail
-    config.ps_version = model_args.ps_version
     config.min_dynamic_patch = data_args.min_dynamic_patch
     config.max_dynamic_patch = data_args.max_dynamic_patch
     # LoRA is wrapped after freezing (prepare_for_training), exactly as the original does; a checkpoint that
@@ -34,11 +38,6 @@ def load_model(model_args, data_args, dtype: torch.dtype, tokenizer, attn_implem
     logger.info("Loading InternVLChatModel from %s (%s)", path, dtype)
     model = InternVLChatModel.from_pretrained(path, **kwargs)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    if model.config.downsample_ratio != data_args.down_sample_ratio:
-        raise ValueError(
-            f"--down_sample_ratio {data_args.down_sample_ratio} differs from the checkpoint's "
-            f"downsample_ratio {model.config.downsample_ratio}"
-        )
     vision_size = model.config.vision_config.image_size
     if data_args.force_image_size != vision_size:
         logger.info("Resizing position embeddings from %d to %d", vision_size, data_args.force_image_size)
@@ -46,9 +45,6 @@ def load_model(model_args, data_args, dtype: torch.dtype, tokenizer, attn_implem
             vision_size, data_args.force_image_size, model.config.vision_config.patch_size
         )
         model.config.force_image_size = data_args.force_image_size
-        model.num_image_token = int(
-            (data_args.force_image_size // model.patch_size) ** 2 * model.config.downsample_ratio**2
-        )
     return model
 
 
@@ -82,16 +78,10 @@ def prepare_for_training(model, model_args) -> None:
         for parameter in model.language_model.get_output_embeddings().parameters():
             parameter.requires_grad = True
     if model_args.use_backbone_lora and not model.config.use_backbone_lora:
-        model.wrap_backbone_lora(
-            r=model_args.use_backbone_lora,
-            lora_alpha=2 * model_args.use_backbone_lora,
-            lora_dropout=model_args.lora_dropout,
-        )
+        model.wrap_backbone_lora(r=model_args.use_backbone_lora, lora_dropout=model_args.lora_dropout)
         model.config.use_backbone_lora = model_args.use_backbone_lora
     if model_args.use_llm_lora and not model.config.use_llm_lora:
-        model.wrap_llm_lora(
-            r=model_args.use_llm_lora, lora_alpha=2 * model_args.use_llm_lora, lora_dropout=model_args.lora_dropout
-        )
+        model.wrap_llm_lora(r=model_args.use_llm_lora, lora_dropout=model_args.lora_dropout)
         model.config.use_llm_lora = model_args.use_llm_lora
     elif model.config.use_llm_lora:  # adapters loaded with the checkpoint: keep training them
         for name, parameter in model.language_model.named_parameters():

@@ -1,24 +1,18 @@
 """What the launcher checks before torchrun starts: the checkpoint folder, the meta file and the annotation files it
-names, the DeepSpeed config, and that every flag is one the fine-tuning entry point knows. A mistake then costs
-seconds and one line, not a model load on every GPU and a traceback from each.
-
-  python -m internvl_chat.train.preflight ARGS...      # the entry point's arguments; exit status 2 and one line
-"""
+names, the DeepSpeed config, the step's shape, and that every flag is one the fine-tuning entry point knows. Every
+problem is found at once and named in a line of its own, the checkpoint's first, so a command line costs seconds
+and one correction, not a model load on every GPU and a traceback from each (internvl_chat/cli/finetune_preflight.py
+prints them)."""
 
 import ast
 import difflib
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..data.meta import MetaError, load_meta
-from ..model.checkpoint_folder import CheckpointError, check_checkpoint_folder
-from .step_shape import StepShapeError, grouped_step_shape
-
-
-class PreflightError(ValueError):
-    pass
+from ..checkpoint.folder import CheckpointError, check_checkpoint_folder
+from ..data.formats import MetaError, load_meta
+from .step_shape import StepShapeError, decide_step_shape
 
 
 def flag_values(argv: list[str]) -> dict[str, str]:
@@ -63,11 +57,19 @@ def _default(value):
 def known_flags() -> set[str]:
     """Every flag name the entry point's parser takes (transformers' TrainingArguments included); a bool whose
     default is True also as --no_<name>, as transformers' parser adds it."""
-    from .arguments import DROPPED_FLAGS, RENAMED_FLAGS, DataTrainingArguments, ModelArguments, RunArguments
+    from .arguments import (
+        CHECKPOINT_FACT_FLAGS,
+        IGNORED_FLAGS,
+        RENAMED_FLAGS,
+        DataTrainingArguments,
+        FastModeArguments,
+        ModelArguments,
+        RunArguments,
+    )
 
     declared = [
         (item.name, str(item.type), item.default)
-        for group in (ModelArguments, DataTrainingArguments, RunArguments)
+        for group in (ModelArguments, DataTrainingArguments, FastModeArguments, RunArguments)
         for item in fields(group)
     ]
     names = set()
@@ -75,46 +77,60 @@ def known_flags() -> set[str]:
         names.add(name)
         if "bool" in annotation and default is True:
             names.add(f"no_{name}")
-    return names | {flag[2:] for flag in (*RENAMED_FLAGS, *DROPPED_FLAGS)}
+    return names | {flag[2:] for flag in (*RENAMED_FLAGS, *IGNORED_FLAGS, *CHECKPOINT_FACT_FLAGS)}
 
 
-def check(argv: list[str]) -> None:
+def is_true(value: str | None) -> bool:
+    return (value or "false").lower() in ("true", "yes", "t", "y", "1")
+
+
+def problems(argv: list[str], processes: int = 1) -> list[str]:
+    """Every problem of the entry point's command line that can be found without torch, the checkpoint's first."""
+    from .arguments import checkpoint_fact_problems, split_tutorial_flags
+
     values = flag_values(argv)
-    for required in ("model_name_or_path", "meta_path", "output_dir"):
-        if not values.get(required):
-            raise PreflightError(f"--{required} is required")
-    check_checkpoint_folder(values["model_name_or_path"])
-    load_meta(values["meta_path"], values.get("data_root") or None)
+    found = [
+        f"--{name} is required" for name in ("model_name_or_path", "meta_path", "output_dir") if not values.get(name)
+    ]
+    if values.get("model_name_or_path"):
+        try:
+            folder = check_checkpoint_folder(values["model_name_or_path"])
+            facts = split_tutorial_flags(argv)[1]
+            found += checkpoint_fact_problems(
+                facts, json.loads((folder / "config.json").read_text()), folder / "config.json"
+            )
+        except CheckpointError as error:
+            found.append(str(error))
+    if values.get("meta_path"):
+        try:
+            load_meta(values["meta_path"], values.get("data_root") or None)
+        except MetaError as error:
+            found.append(str(error))
     if values.get("deepspeed"):
         config = Path(values["deepspeed"])
         if not config.is_file():
-            raise PreflightError(f"--deepspeed {config}: no such file (the ZeRO configs are shell/zero_stage*.json)")
-        try:
-            json.loads(config.read_text())
-        except json.JSONDecodeError as error:
-            raise PreflightError(f"--deepspeed {config} is not valid JSON: {error}") from error
-    if values.get("group_by_image", "false").lower() in ("true", "yes", "t", "y", "1"):
-        grouped_step_shape(
-            int(values.get("per_device_train_batch_size", 8)), int(values.get("gradient_accumulation_steps", 1))
+            found.append(f"--deepspeed {config}: no such file (the ZeRO configs are shell/zero_stage*.json)")
+        else:
+            try:
+                json.loads(config.read_text())
+            except json.JSONDecodeError as error:
+                found.append(f"--deepspeed {config} is not valid JSON: {error}")
+    try:
+        decide_step_shape(
+            int(values.get("per_device_train_batch_size", 8)),
+            processes,
+            is_true(values.get("group_by_image")),
+            global_batch_size=int(values["global_batch_size"]) if values.get("global_batch_size") else None,
+            accumulation=int(values.get("gradient_accumulation_steps", 1)),
         )
+    except StepShapeError as error:
+        found.append(str(error))
+    except ValueError as error:
+        found.append(f"a batch size flag is not a whole number ({error})")
     known = known_flags()
     for name in values:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise PreflightError(f"--{name} is not a flag of the fine-tuning entry point{hint}")
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) == 1 and argv[0].endswith(".json"):  # a whole configuration as one JSON file
-        return 0
-    try:
-        check(argv)
-    except (PreflightError, CheckpointError, MetaError, StepShapeError) as error:
-        print(f"launch_finetune: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+            found.append(f"--{name} is not a flag of the fine-tuning entry point{hint}")
+    return found

@@ -16,11 +16,14 @@ from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
+from ..checkpoint.serving_files import complete_checkpoint_files
 from ..data.dataset import ImageGroupedDataset
-from ..model.checkpoint_files import complete_checkpoint_files
-from .batch_layout import COUNTS_KEY, WEIGHTS_KEY, BatchLayout, caption_weights
+from .batch import TrainingBatch
+from .batch_layout import BatchLayout
 from .flops import FlopModel
+from .model_setup import compute_dtype
 from .run_logging import StepLine
+from .step import backward_micro_batch, weigh_step
 
 logger = logging.getLogger("internvl_chat.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -60,8 +63,8 @@ class GarbageCollectionTimer:
 class FreezeObjectsAfterCompiling(TrainerCallback):
     """After this process's first optimizer steps, where torch.compile builds its graphs (the first shape, then the
     dynamic-shape graphs at the second), every object alive is taken out of the garbage collector's walks
-    (gc.freeze). A full collection otherwise walks them all: 626 ms in one step of the H200 launcher run with
-    compiled blocks (docs/PERFORMANCE.md), while the GPU's queue runs dry, and every rank at its own times. Objects
+    (gc.freeze). A full collection otherwise walks them all, for hundreds of milliseconds once graphs are compiled,
+    while the GPU's queue runs dry, and every rank at its own times. Objects
     made later are collected as usual; the frozen ones are released to the collector when training ends."""
 
     def __init__(self, after_steps: int = 2):
@@ -194,8 +197,7 @@ class InternVLTrainer(Trainer):
             self.add_callback(StepLine())
         self.layout = layout or BatchLayout()
         # the launcher loads the model in bf16 / fp16 with --bf16 / --fp16 (train/model_setup.py)
-        float_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        self.data_collator = self.layout.collator(float_dtype)
+        self.data_collator = self.layout.collator(compute_dtype(self.args))
         self.lengths = lengths
         self.flop_model = flop_model
         self.peak_tflops = peak_tflops
@@ -275,19 +277,23 @@ class InternVLTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """An optimizer step's micro-batches, fetched together by the training loop. Grouped by image, each loss row
-        gets its weight for the step (batch_layout.caption_weights), which needs the step's captions on all ranks."""
-        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        """An optimizer step's micro-batches, fetched together by the training loop, weighed for the step
+        (step.weigh_step); grouped by image the weights need the step's captions on all ranks. The model computes
+        its own loss, so there is no item count for the loop to pass on."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
         if self.layout.group_by_image and batches:
-            step_captions = sum(batch[COUNTS_KEY].captions for batch in batches)  # this rank's, on the host
+            step_captions = sum(batch.counts.captions for batch in batches)  # this rank's, on the host
             if self.args.world_size > 1:  # all ranks', summed on the device: the host does not wait for the GPU
                 step_captions = self.accelerator.reduce(
                     torch.tensor(float(step_captions), device=device), reduction="sum"
                 )
-            weights = caption_weights(batches, self.layout.per_device_captions, step_captions, self.args.world_size)
-            for batch, batch_weights in zip(batches, weights):
-                batch[WEIGHTS_KEY] = batch_weights
-        return batches, num_items_in_batch
+            batches = weigh_step(batches, self.layout, step_captions, self.args.world_size)
+        return batches, None
 
     def set_initial_training_values(self, args, dataloader):
         """Epoch-based runs take the original's step count: whole accumulation windows only (566,747 COCO
@@ -301,19 +307,27 @@ class InternVLTrainer(Trainer):
         self.update_steps_per_epoch = values[1]
         return tuple(values)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model, inputs: TrainingBatch, num_items_in_batch=None):
+        """One micro-batch through the recipe's step (step.backward_micro_batch), the loss backward through accelerate
+        (and DeepSpeed, which is told that the loss is already divided by the step's micro-batches)."""
         if self._window_start is None:
             self._window_start = time.perf_counter()
-        counts = inputs[COUNTS_KEY]
+        counts = inputs.counts
         self._window["samples"] += counts.captions
         self._window["tokens"] += sum(counts.lengths)
         if self.flop_model is not None:
-            logit_positions = counts.supervised if self.layout.supervised_logits_only else inputs["input_ids"].numel()
-            self._micro_step_flops = self.flop_model.train_step_flops(
-                int(inputs["pixel_values"].shape[0]), counts.lengths, logit_positions=logit_positions
-            )
+            self._micro_step_flops = self.flop_model.batch_flops(inputs, self.layout.uses_loss_rows)
             self._window["flops"] += self._micro_step_flops
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+        loss = backward_micro_batch(
+            model,
+            inputs,
+            self.layout,
+            self.current_gradient_accumulation_steps,
+            lambda loss: self.accelerator.backward(loss, **backward_kwargs),
+            self.compute_loss_context_manager,
+        )
         if self.loss_window_sum is None:
             self.loss_window_sum = torch.zeros((), dtype=loss.dtype, device=loss.device)
             self.loss_window_start = self.state.global_step
@@ -323,22 +337,19 @@ class InternVLTrainer(Trainer):
         self.loss_window_sum += loss.detach()
         return loss
 
-    def floating_point_ops(self, inputs) -> float:
-        """The micro-step's FLOPs for trainer_state's total_flos, from the FLOP model; transformers' estimate
-        walks every parameter of the model at every micro-step."""
+    def floating_point_ops(self, inputs: TrainingBatch) -> float:
+        """The micro-step's FLOPs for trainer_state's total_flos, from the FLOP model; without one, transformers'
+        estimate (6 x tokens x parameters)."""
         if self.flop_model is None:
-            return super().floating_point_ops(inputs)
+            return 6 * inputs.input_ids.numel() * self.model.num_parameters(exclude_embeddings=True)
         return self._micro_step_flops
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The model and tokenizer as transformers saves them, then what the original checkpoints carry beside them
-        for serving engines (model/checkpoint_files.py): every checkpoint and the run's output folder."""
+        for serving engines (checkpoint/serving_files.py): every checkpoint and the run's output folder."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             complete_checkpoint_files(output_dir or self.args.output_dir, self.processing_class)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, self.layout.model_inputs(inputs), return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self.loss_window_sum is not None:

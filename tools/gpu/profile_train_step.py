@@ -10,7 +10,6 @@ GPU (each such wait empties the GPU's queue, so host time after it is not hidden
 """
 
 import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -19,15 +18,12 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.profiler import profile
 
-import torch  # noqa: E402
-from benchmark_train import device_steps, parse_mode, prepare_data, set_up, train_step  # noqa: E402
-from torch.profiler import profile  # noqa: E402
-
-from internvl_chat.synthetic.checkpoint import build_checkpoint  # noqa: E402
-from internvl_chat.train.profiling import profile_summary, profiler_activities  # noqa: E402
+from internvl_chat.devkit.checkpoint import build_checkpoint
+from internvl_chat.devkit.train_benchmark import device_steps, parse_mode, prepare_data, set_up, train_step
+from internvl_chat.train.profiling import profile_summary, profiler_activities
 
 
 def main() -> None:

@@ -1,43 +1,48 @@
 """Fine-tune InternVL2 (full or LoRA) on chat-format jsonl data: the torchrun target of the shell launchers.
 
-  torchrun --nproc_per_node=8 internvl_chat/train/internvl_chat_finetune.py --model_name_or_path ... \
+  torchrun --nproc_per_node=8 -m internvl_chat.cli.finetune --model_name_or_path ... \
       --meta_path shell/data/coco_caption.json --output_dir work_dirs/... --use_llm_lora 128 ...
+  internvl-finetune --help
 
 The steps are the original script's: tokenizer (+ InternVL tokens), model in bf16, config updates from the
 command line, freezing, LoRA wrapping, datasets, Trainer. On top: resume from the last complete checkpoint,
 throughput/MFU logging, the fine-tune's tiling settings kept in the saved config.
 """
 
+import dataclasses
+import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by torchrun: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from transformers import set_seed
 
-import torch  # noqa: E402
-from transformers import set_seed  # noqa: E402
-
-from internvl_chat.data.dataset import build_datasets  # noqa: E402
-from internvl_chat.data.meta import MetaError  # noqa: E402
+from internvl_chat.checkpoint.folder import CheckpointError, check_checkpoint_folder
+from internvl_chat.checkpoint.loader import load_tokenizer
+from internvl_chat.data.dataset import build_datasets
+from internvl_chat.data.formats import MetaError
 from internvl_chat.data.preprocess import (
-    ConversationTokenizer,  # noqa: E402
-    SampleError,  # noqa: E402
+    ConversationTokenizer,
+    SampleError,
 )
-from internvl_chat.data.transforms import ImageError  # noqa: E402
-from internvl_chat.model.checkpoint_folder import CheckpointError, check_checkpoint_folder  # noqa: E402
-from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig  # noqa: E402
-from internvl_chat.model.conversation import INTERNVL_ADDED_TOKENS  # noqa: E402
-from internvl_chat.model.loader import load_tokenizer  # noqa: E402
-from internvl_chat.train.arguments import parse_args  # noqa: E402
-from internvl_chat.train.batch_layout import BatchLayout  # noqa: E402
-from internvl_chat.train.flops import FlopModel, peak_tflops  # noqa: E402
-from internvl_chat.train.model_setup import add_new_tokens, compile_blocks, load_model, prepare_for_training  # noqa: E402
-from internvl_chat.train.profiling import StepProfiler, parse_step_range  # noqa: E402
-from internvl_chat.train.run_logging import announce_deepspeed_build, quiet_stdout, setup_logging  # noqa: E402
-from internvl_chat.train.step_shape import StepShapeError  # noqa: E402
-from internvl_chat.train.trainer import InternVLTrainer, last_complete_checkpoint  # noqa: E402
+from internvl_chat.data.transforms import ImageError
+from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+from internvl_chat.model.conversation import INTERNVL_ADDED_TOKENS
+from internvl_chat.train.arguments import ArgumentError, checkpoint_fact_problems, parse_args
+from internvl_chat.train.batch_layout import BatchLayout
+from internvl_chat.train.flops import FlopModel, peak_tflops
+from internvl_chat.train.model_setup import (
+    add_new_tokens,
+    compile_blocks,
+    compute_dtype,
+    load_model,
+    prepare_for_training,
+)
+from internvl_chat.train.profiling import StepProfiler, parse_step_range
+from internvl_chat.train.run_logging import announce_deepspeed_build, quiet_stdout, setup_logging
+from internvl_chat.train.step_shape import StepShapeError, decide_step_shape
+from internvl_chat.train.trainer import InternVLTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("internvl_chat.train")
 
@@ -53,31 +58,25 @@ def init_deepspeed_comm(training_args, verbose: bool) -> None:
                 deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
 
 
-def image_tokens_per_tile(data_args, config) -> int:
-    """<IMG_CONTEXT> tokens a tile: (tile / patch)^2 patches, merged 1/downsample^2 to one by the pixel shuffle."""
-    patches = (data_args.force_image_size // config.vision_config.patch_size) ** 2
-    return int(patches * config.downsample_ratio**2)
-
-
-def main(argv: list[str]) -> None:
-    model_args, data_args, training_args, run_args = parse_args(argv)
-    layout = BatchLayout.from_arguments(model_args, data_args, training_args, run_args)
-    micro_batch, accumulation = layout.trainer_step_shape()
-    if (micro_batch, accumulation) != (
+def train(argv: list[str]) -> None:
+    arguments = parse_args(argv)
+    model_args, data_args, fast_args, training_args, run_args = arguments[:5]
+    step = decide_step_shape(
+        training_args.per_device_train_batch_size,
+        training_args.world_size,
+        fast_args.group_by_image,
+        global_batch_size=run_args.global_batch_size,
+        accumulation=training_args.gradient_accumulation_steps,
+    )
+    if (step.micro_batch, step.micro_batches) != (
         training_args.per_device_train_batch_size,
         training_args.gradient_accumulation_steps,
     ):
-        # grouped by image: the tutorial's captions a step in fewer micro-batches of whole pictures; parsed again so
-        # that transformers and DeepSpeed take the shape from the start (the global batch is unchanged)
-        training_args = parse_args(
-            [
-                *argv,
-                "--per_device_train_batch_size",
-                str(micro_batch),
-                "--gradient_accumulation_steps",
-                str(accumulation),
-            ]
-        )[2]
+        # before the Trainer and DeepSpeed read the shape (dataclasses.replace runs TrainingArguments' set-up again)
+        training_args = dataclasses.replace(
+            training_args, per_device_train_batch_size=step.micro_batch, gradient_accumulation_steps=step.micro_batches
+        )
+    layout = BatchLayout.from_arguments(model_args, data_args, fast_args, step)
     setup_logging(training_args.should_log, run_args.verbose)
     if not run_args.verbose:
         training_args.disable_tqdm = True  # one line a logging step instead (run_logging.StepLine)
@@ -87,7 +86,12 @@ def main(argv: list[str]) -> None:
         profile_range = parse_step_range(run_args.profile_steps) if run_args.profile_steps else None
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    check_checkpoint_folder(model_args.model_name_or_path)
+    folder = check_checkpoint_folder(model_args.model_name_or_path)
+    problems = checkpoint_fact_problems(
+        arguments.checkpoint_facts, json.loads((folder / "config.json").read_text()), folder / "config.json"
+    )
+    if problems:
+        raise ArgumentError("; ".join(problems))
     checkpoint_config = InternVLChatConfig.from_pretrained(model_args.model_name_or_path)
     if data_args.max_dynamic_patch is None:
         data_args.max_dynamic_patch = checkpoint_config.max_dynamic_patch
@@ -112,8 +116,10 @@ def main(argv: list[str]) -> None:
     tokenizer.model_max_length = data_args.max_seq_length
     num_new_tokens = tokenizer.add_tokens(list(INTERNVL_ADDED_TOKENS), special_tokens=True)
     # the data before the model: a bad annotation file stops the run in seconds, not after a model load
-    image_tokens = image_tokens_per_tile(data_args, checkpoint_config)
-    encoder = ConversationTokenizer(tokenizer, data_args.conv_style, image_tokens, data_args.max_seq_length)
+    checkpoint_config.force_image_size = data_args.force_image_size  # the tile size the run trains at
+    encoder = ConversationTokenizer(
+        tokenizer, data_args.conv_style, checkpoint_config.num_image_token, data_args.max_seq_length
+    )
     dataset = build_datasets(
         data_args.meta_path,
         encoder,
@@ -128,11 +134,10 @@ def main(argv: list[str]) -> None:
         strict=data_args.strict_data,
         show_progress=training_args.should_log,
     )
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    model = load_model(model_args, data_args, dtype, tokenizer, layout.attn_implementation())
+    model = load_model(model_args, data_args, compute_dtype(training_args), tokenizer, layout.attn_implementation())
     add_new_tokens(model, tokenizer, num_new_tokens)
     prepare_for_training(model, model_args)
-    if run_args.compile_blocks:
+    if fast_args.compile_blocks:
         logger.info("torch.compile: %d transformer blocks (compiled on first use)", compile_blocks(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Trainable parameters: %s of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
@@ -186,11 +191,15 @@ def main(argv: list[str]) -> None:
         torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     try:
-        main(sys.argv[1:])
-    except (CheckpointError, MetaError, SampleError, ImageError, StepShapeError) as error:
+        train(sys.argv[1:] if argv is None else argv)
+    except (ArgumentError, CheckpointError, MetaError, SampleError, ImageError, StepShapeError) as error:
         # a mistake in the inputs: the message names the file and the fix, a traceback would only bury it
         rank = os.environ.get("RANK")
-        print(f"internvl_chat_finetune{f' (process {rank})' if rank else ''}: {error}", file=sys.stderr)
+        print(f"internvl-finetune{f' (process {rank})' if rank else ''}: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
