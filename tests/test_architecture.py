@@ -111,6 +111,7 @@ def test_the_remote_code_folder_is_what_a_checkpoint_carries():
         "configuration_internlm2.py",
         "configuration_internvl_chat.py",
         "conversation.py",
+        "decoder_steps.py",
         "fused_kernels.py",
         "modeling_intern_vit.py",
         "modeling_internlm2.py",

@@ -36,7 +36,11 @@ INTERNLM2_20B = dict(layers=48, hidden=6144, intermediate=16384)  # InternVL2-26
         ({}, "auto", 5, 0.0, True, None, EngineChoice("fast", 32, 1)),  # no beams with dynamic tiles
         (INTERNLM2_20B, "auto", 5, 0.0, False, None, EngineChoice("fast", 32, 1)),  # nor above 20B
         ({}, "auto", 1, 0.7, True, None, EngineChoice("hf", 1, 1)),  # sampling: the original's path
-        ({"architecture": "Qwen2ForCausalLM"}, "auto", 1, 0.0, True, None, EngineChoice("hf", 1, 1)),
+        # every InternVL2 size's LLM has decoder steps: the 1B's Qwen2, the 4B's Phi-3, the 40B's and 76B's Llama
+        ({"architecture": "Qwen2ForCausalLM"}, "auto", 1, 0.0, True, None, EngineChoice("fast", 32, 1)),
+        ({"architecture": "Phi3ForCausalLM"}, "auto", 1, 0.0, True, None, EngineChoice("fast", 32, 1)),
+        ({"architecture": "LlamaForCausalLM"}, "auto", 1, 0.0, True, None, EngineChoice("fast", 32, 1)),
+        ({"architecture": "MistralForCausalLM"}, "auto", 1, 0.0, True, None, EngineChoice("hf", 1, 1)),
     ],
 )
 def test_choose_engine(model, requested, num_beams, temperature, dynamic, batch_size, expected):
@@ -46,7 +50,7 @@ def test_choose_engine(model, requested, num_beams, temperature, dynamic, batch_
 @pytest.mark.parametrize(
     "model, num_beams, temperature, reason",
     [
-        ({"architecture": "Qwen2ForCausalLM"}, 1, 0.0, "this checkpoint's LLM is Qwen2ForCausalLM"),
+        ({"architecture": "MistralForCausalLM"}, 1, 0.0, "this checkpoint's LLM is MistralForCausalLM"),
         ({}, 1, 0.7, "--temperature 0.7"),
         ({}, 3, 0.0, "--num-beams 3"),
     ],
@@ -55,7 +59,7 @@ def test_the_fast_engine_is_refused_where_it_does_not_apply(model, num_beams, te
     with pytest.raises(EngineError) as refused:
         choose_engine(config(**model), "fast", num_beams, temperature, False, None)
     message = str(refused.value)
-    assert message.startswith("--engine fast needs an InternLM2-based model with greedy decoding")
+    assert message.startswith("--engine fast needs greedy decoding and an LLM with decoder steps")
     assert reason in message and "\n" not in message
 
 

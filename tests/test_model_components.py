@@ -8,14 +8,8 @@ from transformers import DynamicCache
 from internvl_chat.devkit.checkpoint import tiny_config_dict
 from internvl_chat.model.configuration_internlm2 import InternLM2Config
 from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-from internvl_chat.model.modeling_internlm2 import (
-    ROWS_MASK_KEY_MULTIPLE,
-    InternLM2Attention,
-    InternLM2DecoderLayer,
-    InternLM2RotaryEmbedding,
-    OutputRows,
-    pad_keys_past_length,
-)
+from internvl_chat.model.decoder_steps import ROWS_MASK_KEY_MULTIPLE, OutputRows, pad_keys_past_length
+from internvl_chat.model.modeling_internlm2 import InternLM2Attention, InternLM2DecoderLayer, InternLM2RotaryEmbedding
 from internvl_chat.model.modeling_internvl_chat import InternVLChatModel, pixel_shuffle
 
 

@@ -12,7 +12,7 @@ from internvl_chat.data.collator import (
     concat_pad_data_collator,
     image_grouped_collator,
 )
-from internvl_chat.model.modeling_internlm2 import ROWS_MASK_KEY_MULTIPLE
+from internvl_chat.model.decoder_steps import ROWS_MASK_KEY_MULTIPLE
 from internvl_chat.train import attention as attention_module
 from internvl_chat.train.attention import PREFIX_SPLIT_ATTENTION, causal_head_length
 from internvl_chat.train.batch_layout import BatchLayout, positions_through_padding
@@ -63,20 +63,53 @@ def grouped_items(dataset, captions=3, pictures=2, first=0) -> list[dict]:
     return [dataset[i] for group in groups[first : first + pictures] for i in group[:captions]]
 
 
-def test_supervised_logits_only_matches_the_full_logits(model, training_items):
+FAMILIES = ["internlm2", "qwen2", "phi3", "llama"]
+# the LoRA targets a decoder layer has, per family (LLM_LORA_TARGETS), and the module whose input is the MLP's middle
+LORA_TARGETS_A_LAYER = {"internlm2": 5, "qwen2": 7, "phi3": 4, "llama": 7}
+DOWN_PROJECTION = {"internlm2": "feed_forward.w2", "qwen2": "mlp.down_proj", "phi3": "mlp.down_proj",
+                   "llama": "mlp.down_proj"}  # fmt: skip
+
+
+def family_model(make_lora_model, family: str, attention: str = "sdpa"):
+    return with_llm_attention(make_lora_model(family), attention)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supervised_logits_only_matches_the_full_logits(make_lora_model, training_items, family, attention):
+    """The loss and every LoRA gradient of the supervised rows' path (the last layer at those rows only) equal the
+    full logits' on each LLM family of the seven sizes: InternLM2's own output rows, transformers' Qwen2, Phi-3 and
+    Llama through their decoder steps."""
+    model = family_model(make_lora_model, family, attention)
+    assert model.decoder_steps.supports_output_rows and PER_CAPTION.computes_last_layer_at_rows(model)
     faithful = loss_and_grads(model, concat_pad_data_collator(training_items))
     fast = loss_and_grads(model, layout_inputs(PER_CAPTION, training_items))
-    assert len(fast[1]) == 2 * 5 * 2  # A and B of the five LoRA targets in both layers
+    assert len(fast[1]) == 2 * LORA_TARGETS_A_LAYER[family] * 2  # A and B of each LoRA target in both layers
     assert_same(faithful, fast)
 
 
-def test_supervised_logits_compute_the_last_layer_at_the_supervised_rows_only(model, training_items):
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "llama"])
+def test_grouped_supervised_rows_match_the_full_logits(make_lora_model, training_dataset, family):
+    """Grouped by image (each caption sees the prompt and itself under a [B, 1, L, L] mask), the rows' path of
+    transformers' families gives the full logits' loss and gradients too."""
+    model = family_model(make_lora_model, family)
+    items = grouped_items(training_dataset)
+    full = BatchLayout(group_by_image=True, requested_attention="sdpa")
+    rows = BatchLayout(group_by_image=True, supervised_logits_only=True, requested_attention="sdpa")
+    assert_same(loss_and_grads(model, layout_inputs(full, items)), loss_and_grads(model, layout_inputs(rows, items)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supervised_logits_compute_the_last_layer_at_the_supervised_rows_only(make_lora_model, training_items, family):
     """Nothing reads the last decoder layer's other rows: its attention output, MLP and the LM head run at the
     supervised positions only (R slots a sequence, the most of any sequence), the other layers at every row."""
+    model = family_model(make_lora_model, family)
     layers = model.language_model.get_base_model().model.layers
     rows_seen = []
     hooks = [
-        layer.feed_forward.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[1]))
+        layer.get_submodule(DOWN_PROJECTION[family]).register_forward_hook(
+            lambda module, args, out: rows_seen.append(args[0].shape[1])
+        )
         for layer in layers
     ]
     batch = concat_pad_data_collator(training_items)
@@ -89,6 +122,29 @@ def test_supervised_logits_compute_the_last_layer_at_the_supervised_rows_only(mo
     length = batch["input_ids"].shape[1]
     assert rows_seen == [length] * (len(layers) - 1) + [slots] and slots < length
     assert output.logits.shape == (len(training_items), slots, model.config.llm_config.vocab_size)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "llama"])
+def test_the_rows_path_under_gradient_checkpointing(make_lora_model, training_items, family):
+    """Under gradient checkpointing (the faithful mode's), the last layer at the rows is recomputed too: the loss
+    and gradients stay."""
+    model = family_model(make_lora_model, family)
+    inputs = layout_inputs(PER_CAPTION, training_items)
+    reference = loss_and_grads(model, inputs)
+    checkpointed = copy.deepcopy(model).train()
+    checkpointed.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.language_model.get_base_model().model.layers[-1].gradient_checkpointing
+    assert_same(reference, loss_and_grads(checkpointed, inputs))
+
+
+def test_the_rows_path_with_compiled_blocks(make_lora_model, training_items):
+    """With compiled blocks (Phi-3's fused projections here), the rows' path keeps the loss and gradients."""
+    model = family_model(make_lora_model, "phi3")
+    inputs = layout_inputs(PER_CAPTION, training_items)
+    reference = loss_and_grads(model, inputs)
+    compiled = copy.deepcopy(model)
+    compile_blocks(compiled)
+    assert_same(reference, loss_and_grads(compiled, inputs), loss_rtol=1e-5, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

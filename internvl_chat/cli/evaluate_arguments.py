@@ -46,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--engine",
         choices=["auto", "fast", "hf"],
         default="auto",
-        help="fast: batched prefill + lean greedy decoding over a static KV cache (InternLM2 "
-        "models, greedy); hf: the original's chat()/batch_chat() with generate(); "
+        help="fast: batched prefill + lean greedy decoding over a static KV cache (every size's "
+        "LLM, greedy decoding only); hf: the original's chat()/batch_chat() with generate(); "
         "auto: fast where it applies",
     )
     parser.add_argument("--num-workers", type=int, default=1, help="data-loading processes per rank")

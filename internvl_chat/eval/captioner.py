@@ -99,7 +99,7 @@ def choose_engine(
         reasons += [f"--num-beams {num_beams}"] if num_beams != 1 else []
         reasons += [f"--temperature {temperature}"] if temperature != 0 else []
         raise EngineError(
-            f"--engine fast needs an InternLM2-based model with greedy decoding, but {' and '.join(reasons)}; "
+            f"--engine fast needs greedy decoding and an LLM with decoder steps, but {' and '.join(reasons)}; "
             "leave --engine out (or --engine hf) to caption with chat()/batch_chat()"
         )
     engine = ("fast" if fast_ok else "hf") if requested_engine == "auto" else requested_engine

@@ -1,4 +1,5 @@
-"""A lean batched caption generator for InternLM2-based InternVL2 models (2B, 8B, 26B).
+"""A lean batched caption generator for InternVL2 models of every LLM family (InternLM2: 2B, 8B, 26B; Qwen2: 1B;
+Phi-3: 4B; Llama: 40B, 76B), written against the LLM's decoder steps (model/decoder_steps.py).
 
 The prompt is the same for every image, so images with the same number of tiles give token sequences of the
 same length: batches are formed per tile count and need no padding at all. Then
@@ -19,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..model.conversation import IMG_CONTEXT_TOKEN, image_placeholder
+from ..model.decoder_steps import DECODER_STEP_ARCHITECTURES, attention_window
 from .caption_data import TileGroupedBatches
 
 # The LLM's attention under the fast engine; evaluation loads the model with it (fast_engine_attention).
@@ -49,7 +51,7 @@ AttentionInterface.register(FAST_ATTENTION, fast_decode_attention)
 
 
 class StaticKVCache:
-    """Per-layer K/V buffers of a fixed capacity (the interface InternLM2Attention calls is `update`).
+    """Per-layer K/V buffers of a fixed capacity (what the decoder steps call is `update`, transformers' Cache's).
 
     The prefill writes positions [0, L) and attends to them. A decoding step writes one position given as a
     device tensor (`decode_position`) and returns the whole buffers: the step's shapes do not depend on how
@@ -82,10 +84,16 @@ class DecodeState:
 
     def __init__(self, llm, batch, prompt_length, max_new_tokens, dtype, device):
         config = llm.config
-        head_dim = config.hidden_size // config.num_attention_heads
         self.capacity = prompt_length + max_new_tokens
+        window = attention_window(config)
+        if window is not None and self.capacity > window:
+            raise ValueError(
+                f"a prompt of {prompt_length} tokens and {max_new_tokens} new ones exceed the LLM's sliding window "
+                f"of {window}, which the fast engine does not apply; caption with --engine hf"
+            )
         layer_devices = llm.layer_devices()
-        self.cache = StaticKVCache(layer_devices, batch, config.num_key_value_heads, head_dim, self.capacity, dtype)
+        kv_heads, head_dim = llm.key_value_shape()
+        self.cache = StaticKVCache(layer_devices, batch, kv_heads, head_dim, self.capacity, dtype)
         self.device = device
         self.single_device = len(set(layer_devices + [device])) == 1
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
@@ -99,8 +107,8 @@ class DecodeState:
 
 
 def supports_fast_path(config) -> bool:
-    """The fast engine drives InternLM2 decoder layers (InternVL2-2B, 8B, 26B)."""
-    return config.llm_config.architectures[0] == "InternLM2ForCausalLM"
+    """The fast engine drives the decoder steps, which every InternVL2 LLM family has."""
+    return config.llm_config.architectures[0] in DECODER_STEP_ARCHITECTURES
 
 
 def fast_engine_attention(requested: str | None) -> dict:
@@ -143,8 +151,8 @@ class FastCaptioner:
     ):
         if not supports_fast_path(model.config):
             raise ValueError(
-                "the fast captioner drives InternLM2 decoder layers; use chat()/batch_chat() for "
-                f"{model.config.llm_config.architectures[0]}"
+                f"the fast captioner drives the decoder steps of {', '.join(DECODER_STEP_ARCHITECTURES)}; use "
+                f"chat()/batch_chat() for {model.config.llm_config.architectures[0]}"
             )
         if model.config.llm_config._attn_implementation not in (FAST_ATTENTION, "eager"):
             raise ValueError(
@@ -158,7 +166,7 @@ class FastCaptioner:
         model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         sep = model.conv_template.sep.strip()
         self.eos_id, self.sep = tokenizer.convert_tokens_to_ids(sep), sep
-        self.llm = model.base_language_model
+        self.llm = model.decoder_steps
         self._prompt_ids = {}
         self.timer = PhaseTimer(profile)
         self.cuda_graphs = cuda_graphs

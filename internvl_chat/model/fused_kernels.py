@@ -272,6 +272,24 @@ def rms_norm_reference(hidden_states: torch.Tensor, weight: torch.Tensor, eps: f
     return weight * hidden_states.to(input_dtype)
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of this weight and eps: one kernel pass where it applies, else the reference ops. For the norms of
+    transformers' Qwen2, Phi-3 and Llama too, which compute the same formula."""
+    if kernels_apply(hidden_states, weight):
+        return residual_norm(hidden_states, None, None, weight, None, eps, rms=True)[1]
+    return rms_norm_reference(hidden_states, weight, eps)
+
+
+def add_then_rms_norm(
+    residual: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + branch, its RMSNorm) in one pass where the kernel applies."""
+    if kernels_apply(residual, branch, weight) and residual.shape == branch.shape:
+        return residual_norm(residual, branch, None, weight, None, eps, rms=True)
+    total = residual + branch
+    return total, rms_norm_reference(total, weight, eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as the original InternLM2 and InternViT compute it (variance in fp32, the normalised activations
     cast back to the input dtype, then scaled by the weight); one Triton pass at inference."""
@@ -282,9 +300,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if _norm_kernel_applies(self, hidden_states):
-            return residual_norm(hidden_states, None, None, self.weight, None, self.variance_epsilon, rms=True)[1]
-        return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -7,7 +7,6 @@ or dynamic-NTK scaling. Attention goes through transformers' dispatch table (eag
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_internlm2 import InternLM2Config
+from .decoder_steps import OutputRows, causal_prefill_mask, gather_rows, pad_keys_past_length
 from .fused_kernels import RMSNorm as InternLM2RMSNorm
 from .fused_kernels import add_then_norm, apply_rotary, silu_times
 
@@ -33,56 +33,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
     )
-
-
-@dataclass
-class OutputRows:
-    """The positions whose outputs are read from the last decoder layer: positions [B, R], one row of R per
-    sequence, and the boolean attention mask of those queries, [B, 1, R, L] (True: may attend). The last layer
-    computes keys and values at every position (the cache and the attention need them) and everything else at
-    these R rows only. mask=None means each row may attend to every key, which holds for the last position of a
-    causal prefill only."""
-
-    positions: torch.Tensor
-    mask: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.mask is None and self.positions.shape[1] != 1:
-            raise ValueError("OutputRows of more than one position per sequence need their attention mask")
-
-    @classmethod
-    def last_position(cls, hidden_states: torch.Tensor) -> "OutputRows":
-        batch, length = hidden_states.shape[:2]
-        return cls(torch.full((batch, 1), length - 1, dtype=torch.long, device=hidden_states.device))
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return gather_rows(tensor, self.positions)
-
-
-# The output rows' dense mask reaches SDPA's fused kernels, which need its rows 8-aligned in memory. Left at the
-# sequence's length, torch.compile guards the last layer's graph on that length's alignment and compiles a second
-# graph when the other kind first appears, mid-run (seconds of stalled training). So the keys and the mask are
-# padded past the length to a multiple of this, with keys that no row may see.
-ROWS_MASK_KEY_MULTIPLE = 8
-
-
-def pad_keys_past_length(
-    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, multiple: int = ROWS_MASK_KEY_MULTIPLE
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k, v [B, H_kv, L, hd] and the rows' mask [B, 1, R, L] -> the same with L' > L keys, L' a multiple of
-    `multiple`, the extra keys zero and masked out (the attention's result is unchanged). Always at least one
-    extra key, so that L' is the same expression of L for every length: an aligned L padding by zero would be a
-    different graph under torch.compile."""
-    extra = (k.shape[2] // multiple + 1) * multiple - k.shape[2]
-    return F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
-
-
-def gather_rows(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """tensor [B or 1, L, ...] -> [B, R, ...] at positions [B, R]."""
-    batch, rows = positions.shape
-    tensor = tensor.expand(batch, *tensor.shape[1:])
-    index = positions.view(batch, rows, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
-    return tensor.gather(1, index)
 
 
 class InternLM2RotaryEmbedding(nn.Module):
@@ -326,23 +276,8 @@ class InternLM2Model(InternLM2PreTrainedModel):
 
 
 class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
-    """InternLM2 with its LM head. Besides forward(), the decoder-step interface that a caller keeping its own KV
-    cache and decoding loop drives (the fast caption engine), so that it never reaches into the model's modules.
-    Another LLM family can be given the same methods, with the same contract, through an adapter:
-
-    - layer_devices(): the device of each decoder layer, in order (a cache puts each layer's buffers there).
-    - decoding_position_embeddings(positions, dtype, device): the rotary (cos, sin) of the given positions, each
-      as a one-token step at that position computes it; [1, N, head_dim] each.
-    - prefill(inputs_embeds, cache, attention_mask=None): the prompt [B, L, hidden] through every layer, keys and
-      values written through `cache.update(key, value, layer_idx)`; returns the last position's final-normed
-      hidden state, [B, hidden].
-    - decode_step(token_ids, position_embeddings, attention_mask, cache): one token a sequence, [B, 1], at the
-      position that the given embeddings and the cache stand for; returns its final-normed hidden state
-      [B, hidden]. Static shapes and device tensors only, so that a CUDA graph can record it.
-    - logits_from_hidden(hidden_states): the LM head, in the model's dtype.
-
-    Each computes what forward() computes at the same positions.
-    """
+    """InternLM2 with its LM head. Besides forward(), the decoder-step interface (model/decoder_steps.py) that the
+    fast caption engine and the training fast modes drive, so that they never reach into the model's modules."""
 
     _tied_weights_keys = {}
 
@@ -364,6 +299,10 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.output = new_embeddings
+
+    def key_value_shape(self) -> tuple[int, int]:
+        config = self.config
+        return config.num_key_value_heads, config.hidden_size // config.num_attention_heads
 
     def layer_devices(self) -> list[torch.device]:
         return [layer.attention_norm.weight.device for layer in self.model.layers]
@@ -388,9 +327,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         positions = torch.arange(length, device=inputs_embeds.device)[None]
         position_embeddings = decoder.rotary_emb(inputs_embeds, positions)
         if attention_mask is None and self.config._attn_implementation == "eager":
-            attention_mask = torch.full(
-                (length, length), float("-inf"), dtype=inputs_embeds.dtype, device=inputs_embeds.device
-            ).triu(1)[None, None]
+            attention_mask = causal_prefill_mask(inputs_embeds)
         hidden = inputs_embeds
         last = len(decoder.layers) - 1
         last_position = OutputRows.last_position(inputs_embeds)
@@ -419,6 +356,22 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
     def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(hidden_states)
+
+    def hidden_at_rows(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        rows_mask: torch.Tensor | None = None,
+        attention_mask=None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        inputs = dict(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        if rows_mask is None:
+            return gather_rows(self.model(**inputs, **kwargs).last_hidden_state, positions)
+        return self.model(**inputs, output_rows=OutputRows(positions, rows_mask), **kwargs).last_hidden_state
 
     def forward(
         self,

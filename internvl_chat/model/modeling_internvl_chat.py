@@ -23,8 +23,9 @@ from transformers.utils import is_flash_attn_2_available
 
 from .configuration_internvl_chat import InternVLChatConfig
 from .conversation import IMG_CONTEXT_TOKEN, get_conv_template, image_placeholder, image_placeholder_collapsed
+from .decoder_steps import decoder_steps_of
 from .modeling_intern_vit import InternVisionModel
-from .modeling_internlm2 import InternLM2ForCausalLM, OutputRows, causal_lm_loss, gather_rows
+from .modeling_internlm2 import InternLM2ForCausalLM, causal_lm_loss
 
 LLM_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -57,8 +58,8 @@ class LossRows:
 
     positions [B, R]: the positions t whose logits predict a supervised token t + 1, R slots per sequence (spare
     slots hold any position, with target -100); targets [B, R]: those tokens. mask [B, 1, R, L] (bool, True: may
-    attend) is each slot's row of the attention mask; given it, an LLM whose decoder takes `output_rows` (InternLM2,
-    supports_output_rows) computes its last layer at these rows only, since nothing reads the others.
+    attend) is each slot's row of the attention mask; given it, the LLM computes its last layer at these rows only
+    (its decoder steps' hidden_at_rows, model/decoder_steps.py), since nothing reads the others.
 
     weights [B, R]: the loss is the weighted sum of the rows' cross-entropies instead of their mean (a training
     batch that mixes the captions of several of a run's steps sets them)."""
@@ -153,6 +154,12 @@ class InternVLChatModel(PreTrainedModel):
         """The LLM itself: under LoRA, the model inside PEFT's wrapper (whose layers hold the adapters)."""
         llm = self.language_model
         return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+    @property
+    def decoder_steps(self):
+        """The LLM's decoder-step interface (model/decoder_steps.py): prefill, decode_step and the rest for the fast
+        caption engine, hidden_at_rows for the training fast modes; the same for every LLM family."""
+        return decoder_steps_of(self.base_language_model)
 
     # ------------------------------------------------------------------ LoRA
     # The original's adapters: alpha twice the rank (so a rank-128 adapter scales by 2), dropout 0.05 on its input.
@@ -295,22 +302,11 @@ class InternVLChatModel(PreTrainedModel):
         )
 
     def _loss_at_rows(self, inputs_embeds, attention_mask, position_ids, loss_rows: LossRows, matched, **kwargs):
-        llm = self.language_model
-        decoder = self.base_language_model.model
-        inputs = dict(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            return_dict=True,
-            **kwargs,
+        steps = self.decoder_steps
+        hidden = steps.hidden_at_rows(
+            inputs_embeds, loss_rows.positions, loss_rows.mask, attention_mask, position_ids, **kwargs
         )
-        if loss_rows.mask is not None and getattr(decoder, "supports_output_rows", False):
-            rows = OutputRows(loss_rows.positions, loss_rows.mask)
-            hidden = decoder(**inputs, output_rows=rows).last_hidden_state
-        else:
-            hidden = gather_rows(decoder(**inputs).last_hidden_state, loss_rows.positions)
-        logits = llm.get_output_embeddings()(hidden).float()
+        logits = steps.logits_from_hidden(hidden).float()
         if loss_rows.weights is None:
             loss = F.cross_entropy(logits.flatten(0, 1), loss_rows.targets.flatten())  # spare slots' -100: ignored
         else:

@@ -96,9 +96,9 @@ class BatchLayout:
         return {"vision_config": self.requested_attention, "llm_config": self.llm_attention}
 
     def computes_last_layer_at_rows(self, model) -> bool:
-        """With supervised logits only, an LLM whose decoder takes output rows (InternLM2) computes its last layer
-        at the supervised rows only (LossRows.mask); the FLOP count follows that."""
-        return self.supervised_logits_only and getattr(model.base_language_model.model, "supports_output_rows", False)
+        """With supervised logits only, the LLM computes its last layer at the supervised rows only (LossRows.mask)
+        where its decoder steps can (every InternVL2 family's); the FLOP count follows that."""
+        return self.supervised_logits_only and model.decoder_steps.supports_output_rows
 
     # ------------------------------------------------------------------ order and batches
     def sampler(

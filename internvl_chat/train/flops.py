@@ -42,7 +42,7 @@ class FlopModel:
     lora_params: int  # per token: sum over targeted linears of r * (in + out)
     llm_trainable: bool  # full fine-tuning of the LLM
     # The last decoder layer's rows after its QKV projection are computed at the logit positions only
-    # (InternVLChatModel.llm_takes_output_rows); then that layer's other projections count at those rows.
+    # (the decoder steps' hidden_at_rows); then that layer's other projections count at those rows.
     last_layer_at_logits: bool = False
     qkv_params: int = 0  # per layer: the QKV projection
     qkv_lora_params: int = 0  # per layer: its LoRA adapter
