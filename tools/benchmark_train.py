@@ -9,7 +9,7 @@
 A mode is the trainer's fast-mode flags joined with '+', each named as its flag:
   faithful                what the original computes (no flag): full-vocabulary logits at every position,
                           gradient checkpointing, one sequence per caption
-  supervised_logits_only  --supervised_logits_only True: the LM head (and InternLM2's last layer) only at the
+  supervised_logits_only  --supervised_logits_only True: the LM head (and the LLM's last layer) only at the
                           supervised positions
   no_grad_checkpoint      --grad_checkpoint False: keep activations instead of recomputing them
   compile_blocks          --compile_blocks True: torch.compile every ViT and LLM block
