@@ -115,6 +115,15 @@ def attention_window(config) -> int | None:
     return config.sliding_window if any(sliding_layers(config)) else None
 
 
+def rotary_per_position(rotary, positions: range, dtype: torch.dtype, device: torch.device):
+    """A rotary embedding module's (cos, sin) at each position, one call a position as a one-token step makes it,
+    [1, N, rotary dim] each. Scalings that depend on the length a call sees (InternLM2's dynamic NTK, Phi-3's long
+    rope) would make a table computed over all positions at once differ from the steps' own."""
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    tables = [rotary(probe, torch.full((1, 1), position, device=device)) for position in positions]
+    return torch.cat([cos for cos, _ in tables], dim=1), torch.cat([sin for _, sin in tables], dim=1)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x [B, H, L, hd] over the first cos.shape[-1] dimensions (all of them unless the config
     sets a partial rotary factor), the rest passed through, as transformers' apply_rotary_pos_emb."""
@@ -160,12 +169,7 @@ class TransformersDecoderSteps:
     def decoding_position_embeddings(
         self, positions: range, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One rotary call a position: Phi-3's long rope chooses its factors by the length a call sees, so a table
-        computed over all positions at once could differ from the steps' own."""
-        probe = torch.zeros(1, dtype=dtype, device=device)
-        rotary = self.decoder.rotary_emb
-        tables = [rotary(probe, torch.full((1, 1), position, device=device)) for position in positions]
-        return torch.cat([cos for cos, _ in tables], dim=1), torch.cat([sin for _, sin in tables], dim=1)
+        return rotary_per_position(self.decoder.rotary_emb, positions, dtype, device)
 
     def prefill(self, inputs_embeds: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = inputs_embeds.shape[1]

@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_internlm2 import InternLM2Config
-from .decoder_steps import OutputRows, causal_prefill_mask, gather_rows, pad_keys_past_length
+from .decoder_steps import OutputRows, causal_prefill_mask, gather_rows, pad_keys_past_length, rotary_per_position
 from .fused_kernels import RMSNorm as InternLM2RMSNorm
 from .fused_kernels import add_then_norm, apply_rotary, silu_times
 
@@ -310,11 +310,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
     def decoding_position_embeddings(
         self, positions: range, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One rotary call a position: dynamic NTK scaling depends on the length a step sees, so a table computed
-        over all positions at once would differ from the steps' own."""
-        probe = torch.zeros(1, dtype=dtype, device=device)
-        tables = [self.model.rotary_emb(probe, torch.full((1, 1), position, device=device)) for position in positions]
-        return torch.cat([cos for cos, _ in tables], dim=1), torch.cat([sin for _, sin in tables], dim=1)
+        return rotary_per_position(self.model.rotary_emb, positions, dtype, device)
 
     def prefill(
         self, inputs_embeds: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
