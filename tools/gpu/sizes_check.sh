@@ -2,7 +2,7 @@
 # The per-size tables of docs/PERFORMANCE.md on one GPU: caption evaluation (the fast engine against chat() batch 1,
 # tools/benchmark_eval.py), the training modes (tools/benchmark_train.py) and the peak memory of LoRA fine-tuning per
 # size, mode and per-device batch; then tools/gpu/sizes_table.py prints the three tables from the runs' JSON files.
-#   sh tools/gpu/sizes_check.sh OUT_DIR                          # everything (longer than one 10-minute device call)
+#   sh tools/gpu/sizes_check.sh OUT_DIR                          # every part, one after another
 #   PARTS=eval sh tools/gpu/sizes_check.sh OUT_DIR                # one part: eval, train or memory
 #   PARTS=memory MEMORY_SIZES=InternVL2-4B,InternVL2-8B sh tools/gpu/sizes_check.sh OUT_DIR
 # Environment: PARTS, EVAL_SIZES (size:images:batch, comma-separated), TRAIN_SIZES, MEMORY_SIZES, MEMORY_MODES,
