@@ -47,6 +47,15 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_tokenizer(tmp_path_factory):
+    """A Qwen2.5-style byte-level BPE tokenizer (no BOS), as the Qwen2.5 LLMs of InternVL2.5/3 carry it."""
+    from internvl_chat.devkit.checkpoint import tokenizer_corpus
+    from internvl_chat.devkit.tokenizer import build_tiny_qwen2_tokenizer
+
+    return build_tiny_qwen2_tokenizer(tmp_path_factory.mktemp("qwen2_tokenizer"), tokenizer_corpus(("internvl2_5",)))
+
+
+@pytest.fixture(scope="session")
 def training_dataset(tmp_path_factory, tiny_tokenizer):
     """Three synthetic COCO pictures (15 captions), tiled to at most 2 + 1 tiles of 224 px."""
     from internvl_chat.data.dataset import build_datasets

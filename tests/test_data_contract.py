@@ -160,7 +160,7 @@ def test_the_verdicts_reasons(annotation):
     assert reasons["bad JSON"].startswith("not valid JSON")
     assert "alternate human/gpt" in reasons["non-alternating roles"]
     assert reasons["only an answer"] == "the conversation has no human turn"
-    assert reasons["an empty answer"] == "an answer (gpt turn) is empty"
+    assert reasons["an empty answer"].startswith("an answer (gpt turn) is empty (the internlm2-chat template's")
     assert reasons["two images, one placeholder"].startswith("1 <image> placeholder(s) for 2 image(s)")
     assert reasons["a missing image file"] == f"image img/gone.jpg not found under {root}"
     system = reasons["a leading system turn, no placeholder"]

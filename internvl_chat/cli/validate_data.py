@@ -12,13 +12,16 @@ and its jsonl; --data-root resolves the meta file's relative paths as the fine-t
 line gets the verdict the fine-tune's dataset gives it (valid JSON, human/gpt or user/assistant turns that
 alternate, non-empty answers, no <image> placeholders or one per image, every image present; blank lines are
 skipped), and every image of a usable line must open with PIL. Problems are reported as `file:line: reason`; the
-exit status is 1 when there is any. Both --root and --meta may be given together.
+exit status is 1 when there is any. Both --root and --meta may be given together. --conv-style reads the
+conversations as the fine-tune with that --conv_style does (internvl2_5: a leading system turn kept, empty answers
+allowed, <image> counted in human turns only).
 """
 
 import argparse
 import os
 import sys
 
+from ..data.formats import conversation_rules
 from ..data.validate import Report, validate_meta, validate_root
 
 
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode", action="store_true", help="decode every image fully (slower; finds damage inside the pixel data)"
     )
+    parser.add_argument(
+        "--conv-style",
+        default="internlm2-chat",
+        help="the fine-tune's --conv_style, whose rules the conversations are read with (default: %(default)s)",
+    )
     parser.add_argument("--max-errors", type=int, default=20, help="errors to print (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Report()
     if args.meta:
-        report.merge(validate_meta(args.meta, args.workers, args.decode, not args.quiet, args.data_root))
+        rules = conversation_rules(args.conv_style)
+        report.merge(validate_meta(args.meta, args.workers, args.decode, not args.quiet, args.data_root, rules))
     if args.root:
         report.merge(validate_root(args.root, args.workers, args.decode, not args.quiet))
     print_report(report, args.max_errors)

@@ -69,7 +69,7 @@ class SupervisedDataset(Dataset):
         self.strict = strict
         self.reported: set[int] = set()  # line numbers this process has reported while loading
         self.exists = CachedFileLookup()
-        screened = screen_annotation(self.annotation, self.root, show_progress)
+        screened = screen_annotation(self.annotation, self.root, show_progress, conversation_tokenizer.rules)
         if screened.problems:
             if strict:
                 raise SampleError(screened.summary() + "; fix them, or leave out --strict_data to skip them")
@@ -86,7 +86,7 @@ class SupervisedDataset(Dataset):
 
     def parse(self, index: int) -> ConversationLine:
         """The line's verdict again (screening kept only the raw bytes): usable, or a SampleError saying why."""
-        verdict = read_line(self.records[index][1], self.root, self.exists)
+        verdict = read_line(self.records[index][1], self.root, self.exists, self.tokenizer.rules)
         if isinstance(verdict, str):
             raise SampleError(verdict)
         return verdict
@@ -141,7 +141,7 @@ class SupervisedDataset(Dataset):
         turns = list(line.turns)
         paths = self.image_paths(line)
         if paths:
-            if not any(IMAGE_PLACEHOLDER in text for _, text in turns):  # the line leaves their place to us
+            if not self.tokenizer.rules.placeholders(turns):  # the line leaves their place to us
                 prefix = (
                     f"{IMAGE_PLACEHOLDER}\n"
                     if len(paths) == 1
@@ -154,7 +154,7 @@ class SupervisedDataset(Dataset):
             dummy = Image.new("RGB", (TEXT_ONLY_IMAGE_SIZE, TEXT_ONLY_IMAGE_SIZE), (255, 255, 255))
             pixel_values = image_to_pixel_values(dummy, self.transform, dynamic=False)
             num_tiles, image_flags = [], torch.zeros(1, dtype=torch.long)
-        sample = self.tokenizer.encode(turns, num_tiles)
+        sample = self.tokenizer.encode(turns, num_tiles, line.system)
         if sample.mismatch:
             logger.warning("%s: tokenization mismatch, the sample's labels are all ignored", self.where(index))
         # which picture this is, so a collator can put the captions of one picture together

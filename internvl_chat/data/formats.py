@@ -120,25 +120,94 @@ def load_meta(meta_path: str | Path, data_root: str | Path | None = None) -> lis
 
 
 @dataclass(frozen=True)
+class ConversationRules:
+    """How a template's preprocessing in the original reads a conversation: the one place that says it.
+
+    InternVL2's templates (`preprocess_internlm`, `preprocess_mpt`, `preprocess_phi3`) drop a leading system turn
+    for the template's own system message, strip every value, render the whole conversation as one string and
+    count each part's tokens to find the answers; an empty answer breaks that rendering, so it is refused.
+    `internvl2_5` (`preprocess_internvl2_5`) keeps a leading system turn's value verbatim as the system message,
+    keeps values as written, tokenises turn by turn (so an empty answer is a valid, supervised `<|im_end|>`), and
+    expands `<image>` in human turns only: one in an answer is text."""
+
+    template: str
+    keep_system_turn: bool
+    strip_values: bool
+    allow_empty_answers: bool
+    images_in_answers: bool  # does an <image> in a gpt turn stand for a picture?
+    turn_by_turn: bool  # tokenise each turn on its own (else the whole rendered string, counted piecewise)
+
+    def placeholders(self, turns) -> int:
+        """How many of the conversation's <image> placeholders stand for pictures."""
+        return sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if self.images_in_answers or role == "human")
+
+
+INTERNVL2_5_TEMPLATE = "internvl2_5"
+
+
+def conversation_rules(template: str) -> ConversationRules:
+    """The rules of the preprocessing the original picks for this template name (its get_preprocess_function)."""
+    if template == INTERNVL2_5_TEMPLATE:
+        return ConversationRules(
+            template,
+            keep_system_turn=True,
+            strip_values=False,
+            allow_empty_answers=True,
+            images_in_answers=False,
+            turn_by_turn=True,
+        )
+    return ConversationRules(
+        template,
+        keep_system_turn=False,
+        strip_values=True,
+        allow_empty_answers=False,
+        images_in_answers=True,
+        turn_by_turn=False,
+    )
+
+
+# The rules of the InternVL2 launchers' templates: the default of every reader that is not told a template.
+INTERNVL2_RULES = conversation_rules("internlm2-chat")
+
+
+@dataclass(frozen=True)
 class ConversationLine:
     """A usable annotation line: what the dataset builds a sample from."""
 
     images: tuple[str, ...]  # as the line names them, relative to the dataset root; empty for a text-only line
-    turns: tuple[tuple[str, str], ...]  # (human | gpt, stripped text), alternating, starting with human
+    turns: tuple[tuple[str, str], ...]  # (human | gpt, text as the rules keep it), alternating, starting with human
     length: int | None  # the line's own token count, if it states one (the length-grouped sampler uses it)
+    system: str | None = None  # the line's own system message (a leading system turn the rules keep)
 
 
-def clean_conversation(conversations) -> list[tuple[str, str]]:
-    """[(role, text)] with the original's rules: a leading non-human turn (a system message, say) is dropped,
-    values are stripped, turns alternate human/assistant (either spelling), no answer is empty, and there is one to
-    train on. A conversation may end with a human turn after its answers, as the original's preprocessing allows;
-    that turn is then not supervised."""
+@dataclass(frozen=True)
+class CleanedConversation:
+    """A conversation as the rules read it: its turns and, where the rules keep one, its own system message."""
+
+    turns: list[tuple[str, str]]
+    system: str | None = None
+
+
+def clean_conversation(conversations, rules: ConversationRules = INTERNVL2_RULES) -> CleanedConversation:
+    """The conversation under the template's rules (ConversationRules): a leading non-human turn is the system
+    message (kept, for a `system` turn, or dropped), turns alternate human/assistant (either spelling), there is an
+    answer to train on, and an empty answer only where the rules allow it. A conversation may end with a human turn
+    after its answers, as the original's preprocessing allows; that turn is then not supervised. (Stricter than the
+    original, which trains on whatever it is given: a conversation out of order is refused here, with the reason.)"""
     if not isinstance(conversations, list):
         raise SampleError("'conversations' must be a list of {from, value} turns")
     for index, turn in enumerate(conversations):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise SampleError(f"conversations[{index}] must be an object with string 'from' and 'value'")
     dropped = 1 if conversations and conversations[0]["from"] not in HUMAN_ROLES else 0
+    system = None
+    if dropped and rules.keep_system_turn:
+        if conversations[0]["from"] != "system":
+            raise SampleError(
+                f"conversations[0] is from {conversations[0]['from']!r}; a conversation starts with a human turn "
+                "(or a system turn before it)"
+            )
+        system = conversations[0]["value"]
     turns = conversations[dropped:]
     if not turns:
         raise SampleError("the conversation has no human turn")
@@ -150,12 +219,16 @@ def clean_conversation(conversations) -> list[tuple[str, str]]:
                 f"conversations[{index + dropped}] is from {turn['from']!r}; turns must alternate human/gpt "
                 f"(or user/assistant)"
             )
-        cleaned.append(("human" if index % 2 == 0 else "gpt", turn["value"].strip()))
-    if any(role == "gpt" and not text for role, text in cleaned):
-        raise SampleError("an answer (gpt turn) is empty")
+        text = turn["value"].strip() if rules.strip_values else turn["value"]
+        cleaned.append(("human" if index % 2 == 0 else "gpt", text))
+    if not rules.allow_empty_answers and any(role == "gpt" and not text.strip() for role, text in cleaned):
+        raise SampleError(
+            f"an answer (gpt turn) is empty (the {rules.template} template's preprocessing cannot train on one; "
+            f"{INTERNVL2_5_TEMPLATE}'s can)"
+        )
     if all(role == "human" for role, _ in cleaned):
         raise SampleError("the conversation has no answer (gpt turn) to train on")
-    return cleaned
+    return CleanedConversation(cleaned, system)
 
 
 def _image_names(image) -> tuple[str, ...]:
@@ -168,12 +241,17 @@ def _image_names(image) -> tuple[str, ...]:
     raise SampleError(f"'image' must be a path or a list of paths, got {image!r}")
 
 
-def read_line(raw: bytes | str, root: str | Path, exists: Callable[[str], bool] = os.path.isfile):
+def read_line(
+    raw: bytes | str,
+    root: str | Path,
+    exists: Callable[[str], bool] = os.path.isfile,
+    rules: ConversationRules = INTERNVL2_RULES,
+):
     """The verdict on one annotation line: a ConversationLine, or why the line cannot be used (a string).
 
     Everything the line and the file system can tell is decided here; what only loading can tell (an image that
     does not decode, a sample longer than --max_seq_length) is not. `exists` is how an image file is looked up
-    (a cached lookup where many lines share a picture)."""
+    (a cached lookup where many lines share a picture); `rules` are the run's template's (conversation_rules)."""
     if not raw.strip():
         return "empty line"
     try:
@@ -184,14 +262,15 @@ def read_line(raw: bytes | str, root: str | Path, exists: Callable[[str], bool] 
         return "not a JSON object with a 'conversations' list"
     try:
         images = _image_names(item.get("image"))
-        turns = clean_conversation(item["conversations"])
+        conversation = clean_conversation(item["conversations"], rules)
     except SampleError as error:
         return str(error)
-    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    placeholders = rules.placeholders(conversation.turns)
     if placeholders and placeholders != len(images):
         return (
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s); write none (they are "
             f"added before the first question) or one for each image"
+            + ("" if rules.images_in_answers else " (in the human turns: one in an answer is text)")
         )
     length = item.get("length")
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
@@ -199,7 +278,7 @@ def read_line(raw: bytes | str, root: str | Path, exists: Callable[[str], bool] 
     for name in images:
         if not exists(str(Path(root) / name)):
             return f"image {name} not found under {root}"
-    return ConversationLine(images, tuple(turns), length)
+    return ConversationLine(images, tuple(conversation.turns), length, conversation.system)
 
 
 class CachedFileLookup:

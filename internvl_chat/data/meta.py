@@ -9,7 +9,7 @@ that does not decode, a sample longer than --max_seq_length) is still found when
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import CachedFileLookup, annotation_lines, read_line
+from .formats import INTERNVL2_RULES, CachedFileLookup, ConversationRules, annotation_lines, read_line
 
 # How many bad lines a summary names; the validator (internvl-validate-data) lists them all.
 LINES_NAMED = 5
@@ -33,8 +33,10 @@ class ScreenedLines:
         )
 
 
-def screen_annotation(annotation: str | Path, root: str | Path, show_progress: bool = False) -> ScreenedLines:
-    """Every non-blank line of the annotation file, sorted into usable and bad ones."""
+def screen_annotation(
+    annotation: str | Path, root: str | Path, show_progress: bool = False, rules: ConversationRules = INTERNVL2_RULES
+) -> ScreenedLines:
+    """Every non-blank line of the annotation file, sorted into usable and bad ones under the template's rules."""
     annotation, root = Path(annotation), Path(root)
     lines = annotation_lines(annotation)
     exists = CachedFileLookup()
@@ -44,7 +46,7 @@ def screen_annotation(annotation: str | Path, root: str | Path, show_progress: b
 
         lines = tqdm(lines, desc=f"checking {annotation.name}", unit=" lines", mininterval=2, leave=False)
     for number, raw in lines:
-        verdict = read_line(raw, root, exists)
+        verdict = read_line(raw, root, exists, rules)
         if isinstance(verdict, str):
             screened.problems.append((number, verdict))
         else:

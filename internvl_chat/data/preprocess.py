@@ -1,7 +1,10 @@
-"""Conversation -> token ids and labels, as the original InternVL2 preprocessing computes them.
+"""Conversation -> token ids and labels, as the original's preprocessing of the run's template computes them.
 
-Only assistant answers and the separator that closes them (`<|im_end|>` for internlm2-chat) are supervised;
-BOS, the system prompt, user turns, image tokens and role headers are -100.
+Only assistant answers and the separator that closes them (`<|im_end|>`) are supervised; BOS, the system prompt,
+user turns, image tokens and role headers are -100. Two ways, as formats.ConversationRules says per template:
+InternVL2's templates tokenise the whole rendered conversation and find the answers by counting each part's
+tokens; `internvl2_5` tokenises each turn on its own (BOS, where the tokenizer adds one, once at the start) and
+also leaves the newline after each answer's `<|im_end|>` unsupervised.
 
 Speed without changing the result: every `<image>` is rendered as <img><IMG_CONTEXT></img> with a single
 context token and expanded to 256 x tiles copies at the id level. Added tokens are atomic in the tokenizer, so
@@ -19,9 +22,11 @@ from ..model.conversation import (
     IMG_START_TOKEN,
     get_conv_template,
 )
-from .formats import SampleError, clean_conversation
+from .formats import SampleError, clean_conversation, conversation_rules
 
 IGNORE_INDEX = -100
+# An <image> as tokenised: one context token, expanded to num_image_token x tiles copies at the id level.
+COLLAPSED_IMAGE = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
 
 
 @dataclass
@@ -54,6 +59,7 @@ class ConversationTokenizer:
     ):
         self.tokenizer = tokenizer
         self.template_name = template_name
+        self.rules = conversation_rules(template_name)
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length
         self.system_message = system_message
@@ -64,6 +70,7 @@ class ConversationTokenizer:
         template = get_conv_template(template_name)
         self.user_role, self.assistant_role = template.roles
         self.sep = template.sep
+        self.bos_id = tokenizer.bos_token_id
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -72,10 +79,17 @@ class ConversationTokenizer:
         """Tokens of `text` without the BOS the tokenizer prepends (the original's len(tok(x)) - 1)."""
         return len(self._ids(text)) - (1 if self.add_bos else 0)
 
-    def render(self, turns: list[tuple[str, str]]) -> str:
-        template = get_conv_template(self.template_name)
+    def _system_message(self, system: str | None) -> str:
+        """The line's own system message, else the one this tokenizer was given, else the template's."""
+        if system is not None:
+            return system
         if self.system_message is not None:
-            template.system_message = self.system_message
+            return self.system_message
+        return get_conv_template(self.template_name).system_message
+
+    def render(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
+        template = get_conv_template(self.template_name)
+        template.system_message = self._system_message(system)
         for role, text in turns:
             template.append_message(self.user_role if role == "human" else self.assistant_role, text)
         return template.get_prompt()
@@ -87,17 +101,11 @@ class ConversationTokenizer:
 
     def __call__(self, conversations: list[dict], num_tiles: list[int]) -> TokenizedSample:
         """num_tiles: tiles of each image, in the order the <image> placeholders appear."""
-        return self.encode(clean_conversation(conversations), num_tiles)
+        conversation = clean_conversation(conversations, self.rules)
+        return self.encode(conversation.turns, num_tiles, conversation.system)
 
-    def encode(self, turns: list[tuple[str, str]], num_tiles: list[int]) -> TokenizedSample:
-        """A conversation already cleaned (formats.clean_conversation: (human | gpt, text) turns)."""
-        collapsed = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
-        rendered = self.render(turns)
-        if rendered.count(IMAGE_PLACEHOLDER) != len(num_tiles):
-            raise SampleError(f"{rendered.count(IMAGE_PLACEHOLDER)} <image> placeholders for {len(num_tiles)} images")
-        rendered = rendered.replace(IMAGE_PLACEHOLDER, collapsed)
-
-        ids = self._ids(rendered)
+    def _expand_images(self, ids: list[int], num_tiles: list[int]) -> list[int]:
+        """Each collapsed image's single context token as num_image_token x its tiles copies."""
         expanded, image_index = [], 0
         for token in ids:
             if token == self.context_id:
@@ -105,7 +113,21 @@ class ConversationTokenizer:
                 image_index += 1
             else:
                 expanded.append(token)
-        labels, mismatch = self._labels(rendered, expanded, num_tiles)
+        return expanded
+
+    def encode(self, turns: list[tuple[str, str]], num_tiles: list[int], system: str | None = None) -> TokenizedSample:
+        """A conversation already cleaned (formats.clean_conversation: (human | gpt, text) turns, and the line's own
+        system message if the rules kept one)."""
+        placeholders = self.rules.placeholders(turns)
+        if placeholders != len(num_tiles):
+            raise SampleError(f"{placeholders} <image> placeholders for {len(num_tiles)} images")
+        if self.rules.turn_by_turn:
+            expanded, labels = self._encode_turn_by_turn(turns, num_tiles, system)
+            mismatch = False
+        else:
+            rendered = self.render(turns, system).replace(IMAGE_PLACEHOLDER, COLLAPSED_IMAGE)
+            expanded = self._expand_images(self._ids(rendered), num_tiles)
+            labels, mismatch = self._labels(rendered, expanded, num_tiles)
 
         if len(expanded) > self.max_seq_length:
             cut = expanded[self.max_seq_length :]
@@ -123,6 +145,33 @@ class ConversationTokenizer:
         return TokenizedSample(
             input_ids, torch.tensor(labels, dtype=torch.long), attention_mask, position_ids, mismatch
         )
+
+    def _encode_turn_by_turn(
+        self, turns: list[tuple[str, str]], num_tiles: list[int], system: str | None
+    ) -> tuple[list[int], list[int]]:
+        """The original's preprocess_internvl2_5: the system message and each turn tokenised on its own and
+        concatenated; in an answer, its assistant header and the newline after its `<|im_end|>` are masked."""
+        template = get_conv_template(self.template_name)
+        pieces = [("system", template.system_template.format(system_message=self._system_message(system)) + self.sep)]
+        for role, text in turns:
+            if role == "human":
+                pieces.append((role, self.user_role + text.replace(IMAGE_PLACEHOLDER, COLLAPSED_IMAGE) + self.sep))
+            else:
+                pieces.append((role, self.assistant_role + text + self.sep))
+        header = self._count(self.assistant_role)
+        ids, labels = ([self.bos_id], [IGNORE_INDEX]) if self.add_bos else ([], [])
+        images = 0
+        for role, piece in pieces:
+            piece_ids = self._ids(piece)[1 if self.add_bos else 0 :]
+            used = piece_ids.count(self.context_id)
+            piece_ids = self._expand_images(piece_ids, num_tiles[images : images + used])
+            images += used
+            ids += piece_ids
+            if role == "gpt":
+                labels += [IGNORE_INDEX] * header + piece_ids[header:-1] + [IGNORE_INDEX]
+            else:
+                labels += [IGNORE_INDEX] * len(piece_ids)
+        return ids, labels
 
     def _labels(self, rendered: str, ids: list[int], num_tiles: list[int]) -> tuple[list[int], bool]:
         """The original's counting: mask everything up to and including each assistant header, keep each

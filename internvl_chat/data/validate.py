@@ -19,7 +19,9 @@ from .formats import (
     KARPATHY_TEST_GT_JSON,
     KARPATHY_TEST_JSON,
     KARPATHY_TRAIN_JSONL,
+    INTERNVL2_RULES,
     CachedFileLookup,
+    ConversationRules,
     MetaError,
     annotation_lines,
     image_id_from_name,
@@ -113,9 +115,16 @@ def _folder_counts(images) -> dict[str, int]:
 
 
 def validate_train_jsonl(
-    jsonl: Path, root: Path, workers: int = 8, decode: bool = False, show_progress: bool = True, label: str = "train"
+    jsonl: Path,
+    root: Path,
+    workers: int = 8,
+    decode: bool = False,
+    show_progress: bool = True,
+    label: str = "train",
+    rules: ConversationRules = INTERNVL2_RULES,
 ) -> Report:
-    """Every line gets the fine-tune's verdict (formats.read_line), and every image of the usable lines opens."""
+    """Every line gets the fine-tune's verdict (formats.read_line, under the template's rules), and every image of
+    the usable lines opens."""
     report = Report()
     if not jsonl.is_file():
         report.errors.append(f"{jsonl}: annotation file not found")
@@ -124,7 +133,7 @@ def validate_train_jsonl(
     lines = annotation_lines(jsonl)
     exists = CachedFileLookup()
     for number, raw in _progress(lines, len(lines), f"reading {jsonl.name}", show_progress):
-        verdict = read_line(raw, root, exists)
+        verdict = read_line(raw, root, exists, rules)
         if isinstance(verdict, str):
             report.errors.append(f"{jsonl}:{number}: {verdict}")
             continue
@@ -293,6 +302,7 @@ def validate_meta(
     decode: bool = False,
     show_progress: bool = True,
     data_root: str | Path | None = None,
+    rules: ConversationRules = INTERNVL2_RULES,
 ) -> Report:
     """A fine-tune meta file ({name: {root, annotation, data_augment, repeat_time, length}}) and its data, with the
     fine-tune's rules (formats.meta_entry): relative paths are resolved against data_root, as --data_root does,
@@ -310,7 +320,9 @@ def validate_meta(
         except MetaError as error:
             report.errors.append(str(error))
             continue
-        dataset_report = validate_train_jsonl(entry.annotation, entry.root, workers, decode, show_progress, label=name)
+        dataset_report = validate_train_jsonl(
+            entry.annotation, entry.root, workers, decode, show_progress, label=name, rules=rules
+        )
         report.merge(dataset_report)
         lines = dataset_report.counts.get(name, {}).get("lines")
         where = f"{meta}: dataset {name!r}"

@@ -92,9 +92,10 @@ def tiny_config_dict(
     }
 
 
-def tokenizer_corpus() -> list[str]:
+def tokenizer_corpus(templates: tuple[str, ...] = ("internlm2-chat", "Hermes-2", "phi3-chat")) -> list[str]:
+    """What a tiny tokenizer learns from: the synthetic COCO's words and a chat in each template."""
     corpus = vocabulary_sentences()
-    for name in ("internlm2-chat", "Hermes-2", "phi3-chat"):
+    for name in templates:
         template = get_conv_template(name)
         template.append_message(template.roles[0], "<image>\nDescribe the image.")
         template.append_message(template.roles[1], "A red circle.")

@@ -1,4 +1,4 @@
-"""Build a small, real InternLM2-style sentencepiece tokenizer locally.
+"""Build small, real tokenizers locally: InternLM2-style sentencepiece, and Qwen2.5-style byte-level BPE.
 
 The folder written by :func:`build_tiny_tokenizer` has the layout of the
 InternVL2-2B tokenizer, only with a few hundred pieces instead of 92544:
@@ -21,6 +21,7 @@ reproducible for the same inputs.
 """
 
 import io
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -154,3 +155,94 @@ def build_tiny_tokenizer(out_dir, texts: Iterable[str], vocab_size: int = 640) -
     tokenizer.register_for_auto_class("AutoTokenizer")
     tokenizer.save_pretrained(out_dir)
     return InternLM2Tokenizer.from_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- Qwen2 (byte BPE)
+
+# Qwen2's pre-tokenizer split (its tokenizer.json): contractions, letters, single digits, punctuation runs,
+# newlines, spaces.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2.5's special tokens in the order of their ids (151643..151664 in the real model); the InternVL tokens follow
+# (151665..151673). Qwen2 (InternVL2-1B) has only the first three (InternVL tokens from 151646).
+QWEN2_5_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+
+def build_tiny_qwen2_tokenizer(out_dir, texts: Iterable[str], vocab_size: int = 640):
+    """Train a small Qwen2.5-style byte-level BPE tokenizer on ``texts`` and save it to ``out_dir`` as the Qwen2.5
+    folders carry it (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json naming Qwen2Tokenizer): no BOS,
+    eos ``<|im_end|>``, pad ``<|endoftext|>``, the 22 Qwen2.5 special tokens right after the learned vocabulary and
+    the nine InternVL tokens after them. Any text encodes (256 byte symbols). Returns the tokenizer re-loaded the
+    way checkpoints load it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..checkpoint.loader import load_tokenizer
+
+    model = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    model.normalizer = normalizers.NFC()
+    model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False),
+        ]
+    )
+    model.decoder = decoders.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
+    learned = int(vocab_size) - len(QWEN2_5_SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(
+        vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    model.train_from_iterator(_training_lines(texts), trainer)
+    model.add_special_tokens(list(QWEN2_5_SPECIAL_TOKENS) + list(INTERNVL2_TOKENS))
+    base = model.get_vocab_size(with_added_tokens=False)
+    for offset, token in enumerate(QWEN2_5_SPECIAL_TOKENS + INTERNVL2_TOKENS):
+        if model.token_to_id(token) != base + offset:
+            raise RuntimeError(f"{token} got id {model.token_to_id(token)}, expected {base + offset}")
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    wrapper = PreTrainedTokenizerFast(
+        tokenizer_object=model,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *INTERNVL2_TOKENS],
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        errors="replace",
+    )
+    wrapper.save_pretrained(out_dir)
+    model.model.save(out_dir)  # vocab.json and merges.txt, as the Qwen folders also carry them
+    config_file = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    with open(config_file, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, ensure_ascii=False)
+    return load_tokenizer(out_dir)
