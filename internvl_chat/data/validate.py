@@ -16,10 +16,10 @@ from PIL import Image
 
 from .formats import (
     ANNOTATIONS_FOLDER,
+    INTERNVL2_RULES,
     KARPATHY_TEST_GT_JSON,
     KARPATHY_TEST_JSON,
     KARPATHY_TRAIN_JSONL,
-    INTERNVL2_RULES,
     CachedFileLookup,
     ConversationRules,
     MetaError,
