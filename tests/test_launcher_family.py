@@ -148,7 +148,7 @@ for name, argv in json.load(open(sys.argv[1])).items():
     step = decide_step_shape(training.per_device_train_batch_size, 2, fast.group_by_image, run.global_batch_size,
                              training.gradient_accumulation_steps)
     out[name] = dict(
-        model=model.model_name_or_path, conv_style=data.conv_style, meta_path=data.meta_path,
+        model=model.model_name_or_path, conv_style=facts["template"], meta_path=data.meta_path,
         use_llm_lora=model.use_llm_lora, freeze_llm=model.freeze_llm, freeze_mlp=model.freeze_mlp,
         freeze_backbone=model.freeze_backbone, max_dynamic_patch=data.max_dynamic_patch,
         dynamic_image_size=data.dynamic_image_size, use_thumbnail=data.use_thumbnail, ps_version=facts["ps_version"],

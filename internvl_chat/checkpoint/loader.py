@@ -25,9 +25,14 @@ def load_tokenizer(path: str | Path):
         tokenizer_class = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
     if tokenizer_class == "InternLM2Tokenizer" or (folder / "tokenizer.model").is_file() and tokenizer_class is None:
         return InternLM2Tokenizer.from_pretrained(folder)
-    from transformers import AutoTokenizer
+    import transformers
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, use_fast=False)
+    named_class = getattr(transformers, tokenizer_class, None) if tokenizer_class else None
+    if isinstance(named_class, type):
+        # the class the folder names, directly: AutoTokenizer would also read config.json, whose internvl_chat
+        # model type it does not know, and say so in a warning at every load
+        return named_class.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False, use_fast=False)
 
 
 def split_model_device_map(config: InternVLChatConfig, num_gpus: int) -> dict[str, int]:

@@ -1,8 +1,12 @@
-"""Architecture presets of the seven InternVL2 sizes, for random-weight models (tests, benchmarks) and docs.
+"""Architecture presets of the InternVL2, InternVL2.5 and InternVL3 sizes, for random-weight models (tests,
+benchmarks) and docs.
 
-Real checkpoints are always read from their own config.json; these dicts only describe the shapes. The 1B/2B/4B/8B
-values were checked against the original configs; the 26B/40B/76B LLM values come from the public model cards
-of their base LLMs and are marked unverified where we could not read a real config.json.
+Real checkpoints are always read from their own config.json; these dicts only describe the shapes. The InternVL2
+1B/2B/4B/8B values were checked against the original configs; the 26B/40B/76B LLM values come from the public model
+cards of their base LLMs and are marked unverified where we could not read a real config.json. For InternVL2.5 and
+InternVL3, the InternVL3-1B and InternVL2.5-2B configs were read whole; the other sizes take their LLM's shape from
+its base model's config (Qwen2.5, InternLM2.5) with the fields the read ones share (vocabulary with the InternVL
+tokens, untied head, the internvl2_5 template) and are marked unverified.
 """
 
 import copy
@@ -298,8 +302,97 @@ PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------- InternVL2.5 / 3
+
+# The vocabulary of the InternVL2.5/3 LLMs: the base tokenizer's tokens and the nine InternVL tokens after them
+# (Qwen2.5: <img> is 151665, so 151674 rows; InternLM2.5: <img> is 92544, so 92553 rows).
+QWEN2_5_VOCAB = 151674
+INTERNLM2_5_VOCAB = 92553
+
+
+def qwen2_5_llm(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
+    """A Qwen2.5 LLM as the InternVL2.5/3 configs store it (Qwen2 architecture, head untied); `extra` overrides."""
+    llm = dict(
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=QWEN2_5_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        use_sliding_window=False,
+        max_window_layers=70,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=False,
+    )
+    return {**llm, **extra}
+
+
+def internlm2_5_llm(hidden: int, intermediate: int, layers: int, heads: int, **extra) -> dict:
+    """An InternLM2.5 chat LLM (InternLM2 architecture, 8 key/value heads)."""
+    return dict(
+        architectures=["InternLM2ForCausalLM"],
+        vocab_size=INTERNLM2_5_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=extra.pop("rope_theta", 1e6),
+        rope_scaling=extra.pop("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+        max_position_embeddings=32768,
+        bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+# The ViTs of InternVL2.5/3 (InternViT-300M-448px-V2_5, InternViT-6B-448px-V2_5): the same shapes as InternVL2's.
+VIT_300M_V2_5 = dict(VIT_300M, initializer_factor=0.1)
+VIT_6B_V2_5 = VIT_6B
+# InternVL3 stores its Qwen2.5 LLMs with dynamic rope scaling (seen in InternVL3-1B's config).
+INTERNVL3_ROPE = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "eos_token_id": 151643}
+
+
+def _internvl2_5(vision: dict, llm: dict) -> dict:
+    return dict(template="internvl2_5", vision_config=vision, llm_config=llm)
+
+
+PRESETS.update(
+    {
+        "InternVL2_5-1B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(896, 4864, 24, 14, 2, max_window_layers=21)),
+        "InternVL2_5-2B": _internvl2_5(VIT_300M_V2_5, internlm2_5_llm(2048, 8192, 24, 16)),
+        # unverified below: the base LLMs' shapes (Qwen2.5-3B/32B/72B-Instruct, internlm2_5-7b/20b-chat)
+        "InternVL2_5-4B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(2048, 11008, 36, 16, 2)),
+        "InternVL2_5-8B": _internvl2_5(VIT_300M_V2_5, internlm2_5_llm(4096, 14336, 32, 32)),
+        "InternVL2_5-26B": _internvl2_5(
+            VIT_6B_V2_5,
+            internlm2_5_llm(6144, 16384, 48, 48, rope_theta=5e7, rope_scaling={"type": "dynamic", "factor": 2.5}),
+        ),
+        "InternVL2_5-38B": _internvl2_5(VIT_6B_V2_5, qwen2_5_llm(5120, 27648, 64, 40, 8)),
+        "InternVL2_5-78B": _internvl2_5(VIT_6B_V2_5, qwen2_5_llm(8192, 29568, 80, 64, 8)),
+        "InternVL3-1B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(896, 4864, 24, 14, 2, **INTERNVL3_ROPE)),
+        # unverified below: the base LLMs' shapes (Qwen2.5-1.5B/7B/14B/32B/72B)
+        "InternVL3-2B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(1536, 8960, 28, 12, 2, **INTERNVL3_ROPE)),
+        "InternVL3-8B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(3584, 18944, 28, 28, 4, **INTERNVL3_ROPE)),
+        "InternVL3-14B": _internvl2_5(VIT_300M_V2_5, qwen2_5_llm(5120, 13824, 48, 40, 8, **INTERNVL3_ROPE)),
+        "InternVL3-38B": _internvl2_5(VIT_6B_V2_5, qwen2_5_llm(5120, 27648, 64, 40, 8, **INTERNVL3_ROPE)),
+        "InternVL3-78B": _internvl2_5(VIT_6B_V2_5, qwen2_5_llm(8192, 29568, 80, 64, 8, **INTERNVL3_ROPE)),
+    }
+)
+
+
 def preset_config_dict(name: str) -> dict:
-    """A full InternVLChatConfig dict for one of the seven sizes (a deep copy; safe to modify)."""
+    """A full InternVLChatConfig dict for one of the sizes (a deep copy; safe to modify)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     preset = copy.deepcopy(PRESETS[name])

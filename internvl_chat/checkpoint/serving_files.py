@@ -4,16 +4,24 @@ read; every folder this repository writes (the tiny models, Trainer checkpoints 
 through complete_checkpoint_files. (The third, the three-entry `auto_map`, comes with every save of
 InternVLChatConfig.)
 
-The values are the originals' per LLM family (InternLM2: 2B, 8B, 26B; Qwen2: 1B; Phi-3: 4B), as
+The InternVL2 values are the originals' per LLM family (InternLM2: 2B, 8B, 26B; Qwen2: 1B; Phi-3: 4B), as
 tests/fixtures/reference/TOKENIZER_CONFIGS.md records them. The Llama-based sizes (40B, 76B) have no known
 chat_template here: their folders keep whatever their tokenizer brings. None of these templates builds the prompt
 that chat() builds (no InternVL system message, other newlines): that is how the originals are.
+
+The internvl2_5 generation (InternVL2.5, InternVL3) gets a chat_template that builds chat()'s prompt exactly (the
+template's system message unless the messages bring one, a newline after every `<|im_end|>`; InternLM2.5's BOS in
+front), and the stop tokens of its LLM family as eos_token_id: <|im_end|> and <|im_start|>, as the InternVL2.5
+originals list them (InternVL3's own generation_config.json names none, so an engine reading it would stop only at
+<|endoftext|>).
 """
 
 import json
 from pathlib import Path
 
 import transformers
+
+from ..model.conversation import INTERNVL2_5_SYSTEM_MESSAGE
 
 INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -30,6 +38,12 @@ PHI3_CHAT_TEMPLATE = (
     "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif (message['role'] == 'assistant') %}"
     "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
 )
+INTERNVL2_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    + INTERNVL2_5_SYSTEM_MESSAGE
+    + "<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 CHAT_TEMPLATES = {
     "InternLM2ForCausalLM": INTERNLM2_CHAT_TEMPLATE,
     "Qwen2ForCausalLM": QWEN2_CHAT_TEMPLATE,
@@ -42,6 +56,14 @@ STOP_TOKENS = {
     "Qwen2ForCausalLM": ("<|im_start|>", "<|im_end|>"),
     "Phi3ForCausalLM": ("</s>", "<|endoftext|>", "<|end|>"),
 }
+
+
+def chat_template_of(config: dict) -> str | None:
+    """The chat_template a checkpoint of this config carries: by its generation's template, then its LLM family."""
+    family = llm_family(config)
+    if config.get("template") == "internvl2_5":
+        return ("{{ bos_token }}" if family == "InternLM2ForCausalLM" else "") + INTERNVL2_5_CHAT_TEMPLATE
+    return CHAT_TEMPLATES.get(family)
 
 
 def llm_family(config: dict) -> str | None:
@@ -65,7 +87,8 @@ def complete_checkpoint_files(folder: str | Path, tokenizer=None) -> None:
     chat_template.jinja, which transformers 5 writes instead), and, given the tokenizer, generation_config.json with
     the family's stop tokens as eos_token_id when it names none or one."""
     folder = Path(folder)
-    family = llm_family(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    family = llm_family(config)
 
     tokenizer_config_path = folder / "tokenizer_config.json"
     if tokenizer_config_path.is_file():
@@ -75,7 +98,7 @@ def complete_checkpoint_files(folder: str | Path, tokenizer=None) -> None:
         if template is None and jinja.is_file():
             template = jinja.read_text()
         if template is None:
-            template = CHAT_TEMPLATES.get(family)
+            template = chat_template_of(config)
         if template is not None and tokenizer_config.get("chat_template") != template:
             tokenizer_config["chat_template"] = template
             tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")

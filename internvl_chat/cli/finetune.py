@@ -118,7 +118,7 @@ def train(argv: list[str]) -> None:
     # the data before the model: a bad annotation file stops the run in seconds, not after a model load
     checkpoint_config.force_image_size = data_args.force_image_size  # the tile size the run trains at
     encoder = ConversationTokenizer(
-        tokenizer, data_args.conv_style, checkpoint_config.num_image_token, data_args.max_seq_length
+        tokenizer, checkpoint_config.template, checkpoint_config.num_image_token, data_args.max_seq_length
     )
     dataset = build_datasets(
         data_args.meta_path,

@@ -1,8 +1,10 @@
-"""Random InternVL2 checkpoints in the real on-disk format: config.json with auto_map, safetensors, the remote
-code files, generation_config.json and a locally trained sentencepiece tokenizer with the InternVL2 tokens.
+"""Random InternVL checkpoints in the real on-disk format: config.json with auto_map, safetensors, the remote
+code files, generation_config.json and a locally trained tokenizer with the InternVL tokens.
 
 Tiny ones (a few MB) drive the demo and the tests; `like="InternVL2-2B"` gives random weights at full size for
-GPU benchmarks. The tokenizer is always the tiny one: its ids are a subset of any real vocabulary.
+GPU benchmarks. The tokenizer is always a tiny one: its ids are a subset of any real vocabulary. A generation
+(GENERATIONS) is InternVL2 (the default), InternVL2.5 or InternVL3: the latter two use the internvl2_5 template, and
+their Qwen2.5 LLMs get a Qwen2.5-style byte BPE tokenizer (no BOS) instead of the InternLM2-style sentencepiece one.
 """
 
 from pathlib import Path
@@ -15,7 +17,7 @@ from ..checkpoint.serving_files import complete_checkpoint_files
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
-from .tokenizer import build_tiny_tokenizer
+from .tokenizer import build_tiny_qwen2_tokenizer, build_tiny_tokenizer
 from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 
 LLM_TYPES = {
@@ -25,6 +27,13 @@ LLM_TYPES = {
     "llama": ("LlamaForCausalLM", "Hermes-2"),
 }
 VIT_TYPES = {"300m": VIT_300M, "6b": VIT_6B}
+# generation -> the LLM families its checkpoints have (the first is the default: the family of its COCO tutorial's
+# 2B), and the template they all name
+GENERATIONS = {
+    "2": (("internlm2", "qwen2", "phi3", "llama"), None),
+    "2.5": (("internlm2", "qwen2"), "internvl2_5"),
+    "3": (("qwen2", "internlm2"), "internvl2_5"),
+}
 # phi3-chat's role and end markers, which the InternLM2-style tiny tokenizer lacks.
 PHI3_CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -38,10 +47,17 @@ def tiny_config_dict(
     vit_hidden: int = 64,
     vit_layers: int = 2,
     image_size: int = 448,
+    generation: str = "2",
+    token_ids: dict | None = None,
 ) -> dict:
-    """A small model of the given family: the real structure, with few layers and narrow widths.
-    image_size is the tile size (224 gives 64 image tokens per tile instead of 256: a 4x cheaper demo)."""
+    """A small model of the given family and generation: the real structure, with few layers and narrow widths.
+    image_size is the tile size (224 gives 64 image tokens per tile instead of 256: a 4x cheaper demo); token_ids
+    the LLM's bos/eos/pad ids where its tokenizer's differ from InternLM2's 1/2/2."""
     arch, template = LLM_TYPES[llm]
+    families, generation_template = GENERATIONS[generation]
+    if llm not in families:
+        raise ValueError(f"InternVL{generation} has no {llm} LLM; its LLM families are {', '.join(families)}")
+    template = generation_template or template
     vision = dict(
         VIT_TYPES[vit],
         hidden_size=vit_hidden,
@@ -67,6 +83,9 @@ def tiny_config_dict(
         pad_token_id=2,
         tie_word_embeddings=False,
     )
+    llm_config.update(token_ids or {})
+    if llm == "qwen2" and generation == "3":
+        llm_config.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # as InternVL3-1B's config has it
     if llm == "internlm2":
         llm_config.update(bias=False, rope_scaling={"type": "dynamic", "factor": 2.0})
     elif llm == "phi3":
@@ -149,19 +168,32 @@ def build_checkpoint(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     pretrain_steps: int = 0,
+    generation: str = "2",
     **tiny_dims,
 ) -> Path:
-    """Write a random InternVL2 checkpoint to out_dir and return the path."""
+    """Write a random InternVL checkpoint of that generation to out_dir and return the path (with `like`, the
+    preset's own generation)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(out_dir, tokenizer_corpus())
+    token_ids = None
+    if like is None and generation != "2" and llm == "qwen2":
+        tokenizer = build_tiny_qwen2_tokenizer(out_dir, tokenizer_corpus(("internvl2_5",)))
+        end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        eos = end_of_text if generation == "3" else tokenizer.convert_tokens_to_ids("<|im_end|>")
+        token_ids = dict(bos_token_id=end_of_text, eos_token_id=eos, pad_token_id=None)
+    elif like is None and generation != "2":
+        tokenizer = build_tiny_tokenizer(out_dir, tokenizer_corpus(("internlm2-chat", "internvl2_5")))
+    else:
+        tokenizer = build_tiny_tokenizer(out_dir, tokenizer_corpus())
     if llm == "phi3" and like is None:
         tokenizer.add_tokens(PHI3_CHAT_TOKENS, special_tokens=True)
         tokenizer.save_pretrained(out_dir)
     if like is not None:
         config_dict = preset_config_dict(like)
     else:
-        config_dict = tiny_config_dict(llm, vit, vocab_size=len(tokenizer), **tiny_dims)
+        config_dict = tiny_config_dict(
+            llm, vit, vocab_size=len(tokenizer), generation=generation, token_ids=token_ids, **tiny_dims
+        )
     config = InternVLChatConfig(**config_dict)
     torch.manual_seed(seed)
     with torch.device(device):

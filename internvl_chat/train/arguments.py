@@ -49,7 +49,6 @@ class DataTrainingArguments:
     )
     max_seq_length: int = field(default=4096, metadata={"help": "longest sample in tokens (image tokens count)"})
     force_image_size: int = field(default=448, metadata={"help": "tile size"})
-    conv_style: str = field(default="internlm2-chat", metadata={"help": "chat template"})
     dynamic_image_size: bool = field(default=False, metadata={"help": "tile images (dynamic resolution)"})
     use_thumbnail: bool = field(default=False, metadata={"help": "add a thumbnail tile when there are several"})
     min_dynamic_patch: int = field(default=1)
@@ -136,10 +135,18 @@ IGNORED_FLAGS = {
     "--overwrite_output_dir": "a run always resumes from its last complete checkpoint-* (--auto_resume False starts "
     "afresh in the same folder)",
     "--save_safetensors": "transformers 5 always writes safetensors",
+    "--use_fast_tokenizer": "the tokenizer is the one the checkpoint folder names, loaded as every run and the "
+    "evaluation load it (Qwen2's has one implementation in transformers 5, the tokenizers one; InternLM2's is "
+    "its sentencepiece one)",
 }
 # Flags the tutorial's launchers pass that name a fact of the checkpoint: accepted when they agree with its config.json
-# field (and then change nothing), refused when they do not; flag -> the config field.
-CHECKPOINT_FACT_FLAGS = {"--down_sample_ratio": "downsample_ratio", "--ps_version": "ps_version"}
+# field (and then change nothing), refused when they do not; flag -> the config field. --conv_style is the chat
+# template: the checkpoint's `template` is what the run trains with, and what its saved config says.
+CHECKPOINT_FACT_FLAGS = {
+    "--down_sample_ratio": "downsample_ratio",
+    "--ps_version": "ps_version",
+    "--conv_style": "template",
+}
 
 
 class ArgumentError(ValueError):

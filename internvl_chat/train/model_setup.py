@@ -24,7 +24,6 @@ def load_model(model_args, data_args, dtype: torch.dtype, tokenizer, attn_implem
     path = model_args.model_name_or_path
     config = InternVLChatConfig.from_pretrained(path)
     config.vision_config.drop_path_rate = model_args.drop_path_rate
-    config.template = data_args.conv_style
     config.select_layer = model_args.vision_select_layer
     config.dynamic_image_size = data_args.dynamic_image_size
     config.use_thumbnail = data_args.use_thumbnail
