@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Build a random InternVL2 checkpoint in the real format.
+"""Build a random InternVL checkpoint in the real format.
 
 python tools/make_tiny_model.py pretrained/InternVL2-tiny                 # tiny InternLM2 model (demo, tests)
 python tools/make_tiny_model.py OUT --llm qwen2 --vit 6b                  # other LLM / ViT families
+python tools/make_tiny_model.py OUT --version 2.5                         # InternVL2.5 (InternLM2.5, internvl2_5)
+python tools/make_tiny_model.py OUT --version 3                           # InternVL3 (Qwen2.5 and its tokenizer)
 python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # random weights at full size
 """
 
@@ -13,13 +15,23 @@ from pathlib import Path
 import torch
 
 from internvl_chat.checkpoint.presets import PRESETS
-from internvl_chat.devkit.checkpoint import LLM_TYPES, VIT_TYPES, build_checkpoint
+from internvl_chat.devkit.checkpoint import GENERATIONS, LLM_TYPES, VIT_TYPES, build_checkpoint
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output folder (created)")
-    parser.add_argument("--llm", choices=sorted(LLM_TYPES), default="internlm2", help="LLM family of a tiny model")
+    parser.add_argument(
+        "--version",
+        choices=sorted(GENERATIONS),
+        default="2",
+        help="InternVL generation of a tiny model: its template, config fields and tokenizer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--llm",
+        choices=sorted(LLM_TYPES),
+        help="LLM family of a tiny model (default: the generation's 2B's: internlm2 for 2 and 2.5, qwen2 for 3)",
+    )
     parser.add_argument("--vit", choices=sorted(VIT_TYPES), default="300m", help="InternViT variant of a tiny model")
     parser.add_argument("--like", choices=sorted(PRESETS), help="random weights with this model's full shapes")
     parser.add_argument("--llm-hidden", type=int, default=128)
@@ -46,6 +58,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="write into a folder that already has a checkpoint")
     args = parser.parse_args()
 
+    families = GENERATIONS[args.version][0]
+    args.llm = args.llm or families[0]
+    if args.llm not in families:
+        parser.error(f"InternVL{args.version} has no {args.llm} LLM; choose one of {', '.join(families)}")
     out = Path(args.out)
     if (out / "config.json").exists() and not args.force:
         parser.error(f"{out / 'config.json'} exists; pass --force to overwrite that checkpoint")
@@ -71,10 +87,11 @@ def main() -> None:
         dtype=dtype,
         device=args.device,
         pretrain_steps=args.pretrain_steps,
+        generation=args.version,
         **tiny_dims,
     )
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
-    what = args.like or f"tiny {args.llm} + InternViT-{args.vit}"
+    what = args.like or f"tiny InternVL{args.version} ({args.llm} + InternViT-{args.vit})"
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"wrote {what} checkpoint ({dtype_name}) to {out}: {size:.1f} MiB in {time.time() - start:.1f} s")
 
