@@ -55,6 +55,9 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)  # the original's path first: chat() under the default attention
     entries, _ = read_entries(CAPTION_SETS["coco"], str(work))
+    if len(entries) < args.images:
+        parser.error(f"{work / 'data/coco'} has {len(entries)} test pictures, fewer than --images {args.images}")
+    entries = entries[: args.images]  # a --work folder shared by several runs keeps the first run's pictures
     caption_set = CAPTION_SETS["coco"]
     flop_model = FlopModel.from_config(model.config)
     tiles, prompt_tokens = 7, 7 * model.num_image_token + 60
