@@ -202,3 +202,23 @@ def test_refusals_before_torchrun(world, small_folder, tmp_path):
 
 def model_llm(model: Path) -> str:
     return json.loads((model / "config.json").read_text())["llm_config"]["architectures"][0]
+
+
+def test_presets_hold_the_config_values_seen_in_the_originals(reference_dir):
+    """Every value seen in a public copy of an original InternVL2.5/3 config.json is the preset's."""
+    seen = json.loads((reference_dir / "internvl2_5_and_3_configs.json").read_text())
+    checked = 0
+    for name, parts in seen.items():
+        if name.startswith("_"):
+            continue
+        raw = preset_config_dict(name)
+        built = InternVLChatConfig(**preset_config_dict(name)).to_dict()  # what it derives (top-level hidden_size)
+        for part, fields in parts.items():
+            stored = (raw, built) if part == "top" else (raw[part], built[part])
+            for field, value in fields.items():
+                actual = stored[0][field] if field in stored[0] else stored[1].get(field)
+                assert actual == value, (name, part, field)
+                checked += 1
+    for name, layers in seen["_layers_seen_in_the_model_cards"].items():
+        assert preset_config_dict(name)["llm_config"]["num_hidden_layers"] == layers, name
+    assert checked > 50

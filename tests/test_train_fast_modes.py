@@ -12,6 +12,7 @@ from internvl_chat.data.collator import (
     concat_pad_data_collator,
     image_grouped_collator,
 )
+from internvl_chat.data.preprocess import IGNORE_INDEX
 from internvl_chat.model.decoder_steps import ROWS_MASK_KEY_MULTIPLE
 from internvl_chat.train import attention as attention_module
 from internvl_chat.train.attention import PREFIX_SPLIT_ATTENTION, causal_head_length
@@ -523,3 +524,51 @@ def test_the_launchers_batch_size_decides_the_step_once():
         decide_step_shape(4, 8, False, global_batch_size=500)
     with pytest.raises(ValueError, match="give one of the two"):
         decide_step_shape(4, 8, False, global_batch_size=512, accumulation=8)
+
+
+@pytest.fixture(scope="module", params=["internlm2", "qwen2"])
+def internvl2_5_world(request, tmp_path_factory, tiny_tokenizer, tiny_qwen2_tokenizer):
+    """InternVL2.5/3 data and model: three synthetic COCO pictures encoded with the internvl2_5 template (its
+    turn-by-turn labels, the unsupervised newline after each <|im_end|>) by InternLM2.5's kind of tokenizer or
+    Qwen2.5's, and a tiny LoRA model of that LLM family."""
+    from internvl_chat.data.dataset import build_datasets
+    from internvl_chat.data.preprocess import ConversationTokenizer
+    from internvl_chat.devkit.checkpoint import tiny_config_dict
+    from internvl_chat.devkit.coco import make_synthetic_coco
+    from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
+    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+
+    family = request.param
+    tokenizer = tiny_tokenizer if family == "internlm2" else tiny_qwen2_tokenizer
+    root = tmp_path_factory.mktemp(f"coco_{family}")
+    make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
+    encoder = ConversationTokenizer(tokenizer, "internvl2_5", 64, 8192)
+    dataset = build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
+    torch.manual_seed(0)
+    generation = "2.5" if family == "internlm2" else "3"
+    config = InternVLChatConfig(
+        **tiny_config_dict(llm=family, vocab_size=len(tokenizer), image_size=224, generation=generation)
+    )
+    lora = InternVLChatModel(config)
+    lora.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for parameter in lora.parameters():
+        parameter.requires_grad = False
+    lora.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    return with_llm_attention(lora, "sdpa"), dataset
+
+
+def test_the_fast_modes_train_internvl2_5_data_as_the_faithful_path(internvl2_5_world):
+    """On InternVL2.5/3 data the supervised-rows path and the grouped mode give the faithful loss and LoRA gradients."""
+    model, dataset = internvl2_5_world
+    items = grouped_items(dataset)
+    last_labels = [int(item["labels"][-1]) for item in items]
+    # the newline after each <|im_end|> is unsupervised: the internvl2_5 labels reached the batch
+    assert last_labels == [IGNORE_INDEX] * len(items)
+    faithful = loss_and_grads(model, concat_pad_data_collator(items))
+    assert_same(faithful, loss_and_grads(model, layout_inputs(PER_CAPTION, items)))
+    grouped = BatchLayout(group_by_image=True, supervised_logits_only=True, requested_attention="sdpa")
+    assert_same(faithful, loss_and_grads(model, layout_inputs(grouped, items)), loss_rtol=1e-5, rtol=1e-3, atol=1e-7)
