@@ -179,3 +179,20 @@ def test_the_verdict_on_a_line_under_the_internvl2_5_rules(tmp_path):
     assert "in the human turns" in read_line(json.dumps(line), tmp_path, rules=RULES)
     line["conversations"][0]["from"] = "gpt"
     assert "a system turn before it" in read_line(json.dumps(line), tmp_path, rules=RULES)
+
+
+def test_the_validator_reads_data_with_the_template_it_is_told(tmp_path, capsys):
+    from PIL import Image
+
+    from internvl_chat.cli.validate_data import main
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.jpg")
+    line = {"image": "a.jpg", "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": ""}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(line) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(
+        json.dumps({"d": {"root": str(tmp_path), "annotation": str(tmp_path / "train.jsonl"), "length": 1}})
+    )
+    assert main(["--meta", str(meta), "--quiet"]) == 1
+    assert "an answer (gpt turn) is empty" in capsys.readouterr().out
+    assert main(["--meta", str(meta), "--quiet", "--conv-style", "internvl2_5"]) == 0
