@@ -138,6 +138,7 @@ def test_the_rows_path_under_gradient_checkpointing(make_lora_model, training_it
     assert_same(reference, loss_and_grads(checkpointed, inputs))
 
 
+@pytest.mark.torch_compile
 def test_the_rows_path_with_compiled_blocks(make_lora_model, training_items):
     """With compiled blocks (Phi-3's fused projections here), the rows' path keeps the loss and gradients."""
     model = family_model(make_lora_model, "phi3")
@@ -160,6 +161,7 @@ def test_right_padding_needs_no_mask(model, training_items, attention):
     assert_same(loss_and_grads(model, padded), loss_and_grads(model, BatchLayout().model_inputs(collated)))
 
 
+@pytest.mark.torch_compile
 def test_compiled_blocks_give_the_same_loss_and_gradients(model, training_items):
     inputs = layout_inputs(PER_CAPTION, training_items)
     reference = loss_and_grads(model, inputs)
