@@ -84,7 +84,10 @@ def make_lora_model(tiny_tokenizer):
 
     def make(llm: str = "internlm2"):
         torch.manual_seed(0)
-        config = InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=len(tiny_tokenizer), image_size=224))
+        generation = "3.5" if llm == "qwen3" else "2"  # Qwen3 LLMs come with InternVL3.5 only
+        config = InternVLChatConfig(
+            **tiny_config_dict(llm=llm, vocab_size=len(tiny_tokenizer), image_size=224, generation=generation)
+        )
         model = InternVLChatModel(config)
         model.img_context_token_id = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
         for parameter in model.parameters():

@@ -1,7 +1,7 @@
-"""The fast caption engine on every InternVL2 LLM family: language-pretrained tiny models of InternLM2 (2B, 8B, 26B),
-Qwen2 (1B), Phi-3 (4B) and Llama (40B, 76B) give through it the captions of the original path (chat() image by
-image through generate(), fp32, greedy), at the engine level under both attentions and with a min-new-tokens rule
-that binds, and through evaluate.sh end to end with the engine it picks by default."""
+"""The fast caption engine on every LLM family: language-pretrained tiny models of InternLM2 (InternVL2-2B, 8B, 26B),
+Qwen2 (1B), Phi-3 (4B), Llama (40B, 76B) and Qwen3 (InternVL3.5) give through it the captions of the original path
+(chat() image by image through generate(), fp32, greedy), at the engine level under both attentions and with a
+min-new-tokens rule that binds, and through evaluate.sh end to end with the engine it picks by default."""
 
 import json
 import os
@@ -21,9 +21,10 @@ from internvl_chat.eval.fast_captioner import FastCaptioner, fast_engine_attenti
 from internvl_chat.eval.generation import generate_captions
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ["internlm2", "qwen2", "phi3", "llama"]
+FAMILIES = ["internlm2", "qwen2", "phi3", "llama", "qwen3"]
 # A seed a family whose language pretraining writes captions that end before 30 new tokens on the pictures below.
-SEEDS = {"internlm2": 0, "qwen2": 1, "phi3": 0, "llama": 0}
+SEEDS = {"internlm2": 0, "qwen2": 1, "phi3": 0, "llama": 0, "qwen3": 0}
+GENERATION = {"qwen3": "3.5"}  # Qwen3 LLMs come with InternVL3.5 (its template and Qwen tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,14 @@ def checkpoints(tmp_path_factory):
     token (<|im_end|> of InternLM2's and Hermes-2's templates, Phi-3's <|end|>), at different lengths."""
     root = tmp_path_factory.mktemp("families")
     return {
-        family: build_checkpoint(root / family, llm=family, seed=SEEDS[family], pretrain_steps=80, image_size=224)
+        family: build_checkpoint(
+            root / family,
+            llm=family,
+            seed=SEEDS[family],
+            pretrain_steps=80,
+            image_size=224,
+            generation=GENERATION.get(family, "2"),
+        )
         for family in FAMILIES
     }
 

@@ -1,8 +1,9 @@
-"""InternVL2.5 and InternVL3 through the tutorial's commands on the CPU, on tiny models of each generation in its
-real format (tools/make_tiny_model.py --version 2.5: InternLM2.5 LLM and tokenizer; --version 3: Qwen2.5 LLM and
-its byte BPE tokenizer): the generation's COCO LoRA launcher trains a few steps, tools/merge_lora.py merges, the
-merged folder chats with AutoModel offline and carries the generation's serving files, and evaluate.sh scores it
-with the fast engine. Also the presets of every size and the refusals before torchrun."""
+"""InternVL2.5, InternVL3 and InternVL3.5 through the tutorial's commands on the CPU, on tiny models of each generation
+in its real format (tools/make_tiny_model.py --version 2.5: InternLM2.5 LLM and tokenizer; --version 3: Qwen2.5 LLM
+and its byte BPE tokenizer; --version 3.5: Qwen3 LLM and its tokenizer): the generation's COCO LoRA launcher trains
+a few steps, tools/merge_lora.py merges, the merged folder chats with AutoModel offline and carries the generation's
+serving files, and evaluate.sh scores it with the fast engine. Also the presets of every size and the refusals
+before torchrun."""
 
 import json
 import os
@@ -24,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 COCO_LAUNCHERS = {
     "2.5": REPO / "shell/internvl2.5/2nd_finetune/internvl2_5_2b_dynamic_res_2nd_finetune_lora_coco.sh",
     "3": REPO / "shell/internvl3.0/2nd_finetune/internvl3_2b_dynamic_res_2nd_finetune_lora_coco.sh",
+    "3.5": REPO / "shell/internvl3.5/2nd_finetune/internvl3_5_2b_dynamic_res_2nd_finetune_lora_coco.sh",
 }
+LLM = {"2.5": "internlm2", "3": "qwen2", "3.5": "qwen3"}
 FAST = ["--max_dynamic_patch", "1", "--dataloader_num_workers", "0", "--learning_rate", "2e-3", "--seed", "7"]
 
 pytestmark = pytest.mark.slow
@@ -37,7 +40,7 @@ def run(command, cwd, timeout=600, **env):
     return result
 
 
-@pytest.fixture(scope="module", params=["2.5", "3"])
+@pytest.fixture(scope="module", params=["2.5", "3", "3.5"])
 def world(request, tmp_path_factory):
     """A tiny checkpoint of the generation (made as the README says), a synthetic COCO, a 2-step LoRA run of the
     generation's COCO launcher, and its merge."""
@@ -48,7 +51,7 @@ def world(request, tmp_path_factory):
         made = run([sys.executable, str(REPO / "tools/make_tiny_model.py"), str(model), "--version", version], root)
         assert made.returncode == 0, made.stderr[-3000:]
     else:
-        build_checkpoint(model, llm="internlm2", generation=version)
+        build_checkpoint(model, llm=LLM[version], generation=version)
     make_synthetic_coco(root / "data/coco", train_images=4, test_images=2, seed=0, meta_path=root / "meta.json")
     trained = run(
         ["sh", str(COCO_LAUNCHERS[version]), *FAST, "--max_steps", "2", "--save_steps", "2"],
@@ -71,7 +74,7 @@ def test_the_coco_launcher_trains_with_the_internvl2_5_template(world):
     config = json.loads((root / "run/config.json").read_text())
     assert config["template"] == "internvl2_5" and config["use_llm_lora"] == 128
     llm = config["llm_config"]["architectures"][0]
-    assert llm == ("InternLM2ForCausalLM" if version == "2.5" else "Qwen2ForCausalLM")
+    assert llm == {"2.5": "InternLM2ForCausalLM", "3": "Qwen2ForCausalLM", "3.5": "Qwen3ForCausalLM"}[version]
     log = (root / "run/training_log.txt").read_text()
     assert "step 2/2 (100%) | loss " in log and "trainable params:" in log
     assert "Traceback" not in log and "mismatch" not in log
@@ -128,14 +131,14 @@ def test_evaluate_sh_scores_the_merged_folder_with_the_fast_engine(world):
 
 def test_presets_of_every_size_build_their_configs():
     generations = {name.split("-")[0] for name in PRESETS}
-    assert generations == {"InternVL2", "InternVL2_5", "InternVL3"}
+    assert generations == {"InternVL2", "InternVL2_5", "InternVL3", "InternVL3_5"}
+    vocabularies = {"InternLM2ForCausalLM": 92553, "Qwen2ForCausalLM": 151674, "Qwen3ForCausalLM": 151678}
     for name in PRESETS:
         config = InternVLChatConfig(**preset_config_dict(name))
         assert config.hidden_size == config.llm_config.hidden_size and not config.llm_config.tie_word_embeddings
         if not name.startswith("InternVL2-"):
             assert config.template == "internvl2_5"
-            vocabulary = 92553 if config.llm_config.architectures[0] == "InternLM2ForCausalLM" else 151674
-            assert config.llm_config.vocab_size == vocabulary, name
+            assert config.llm_config.vocab_size == vocabularies[config.llm_config.architectures[0]], name
     assert set(LLM_ARCHITECTURES) == set(LLM_CONFIG_CLASSES)
 
 
@@ -226,3 +229,26 @@ def test_presets_hold_the_config_values_seen_in_the_originals(reference_dir):
     for name, layers in seen["_layers_seen_in_the_model_cards"].items():
         assert preset_config_dict(name)["llm_config"]["num_hidden_layers"] == layers, name
     assert checked > 50
+
+
+def test_the_lora_line_of_the_internvl3_5_2b_shape_is_the_count_its_config_gives(capsys):
+    """Rank 128 on the seven projections of each Qwen3 layer, as the tutorial's LoRA: r x (in + out) each, from the
+    config's widths (Qwen3's heads are 128 wide whatever the hidden size), printed as the tutorial prints it."""
+    import torch
+
+    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+
+    config = InternVLChatConfig(**preset_config_dict("InternVL3_5-2B"))
+    llm = config.llm_config
+    hidden, inter, rank = llm.hidden_size, llm.intermediate_size, 128
+    q_width, kv_width = llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
+    widths = [(hidden, q_width), (hidden, kv_width), (hidden, kv_width), (q_width, hidden)]
+    widths += [(hidden, inter), (hidden, inter), (inter, hidden)]
+    expected = llm.num_hidden_layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in widths)
+    with torch.device("meta"):
+        model = InternVLChatModel(config)
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.wrap_llm_lora(r=rank, lora_alpha=2 * rank, lora_dropout=0.05)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected == 139_460_608
+    assert f"trainable params: {expected:,} || all params: " in capsys.readouterr().out

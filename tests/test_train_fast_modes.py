@@ -64,11 +64,11 @@ def grouped_items(dataset, captions=3, pictures=2, first=0) -> list[dict]:
     return [dataset[i] for group in groups[first : first + pictures] for i in group[:captions]]
 
 
-FAMILIES = ["internlm2", "qwen2", "phi3", "llama"]
+FAMILIES = ["internlm2", "qwen2", "phi3", "llama", "qwen3"]
 # the LoRA targets a decoder layer has, per family (LLM_LORA_TARGETS), and the module whose input is the MLP's middle
-LORA_TARGETS_A_LAYER = {"internlm2": 5, "qwen2": 7, "phi3": 4, "llama": 7}
+LORA_TARGETS_A_LAYER = {"internlm2": 5, "qwen2": 7, "phi3": 4, "llama": 7, "qwen3": 7}
 DOWN_PROJECTION = {"internlm2": "feed_forward.w2", "qwen2": "mlp.down_proj", "phi3": "mlp.down_proj",
-                   "llama": "mlp.down_proj"}  # fmt: skip
+                   "llama": "mlp.down_proj", "qwen3": "mlp.down_proj"}  # fmt: skip
 
 
 def family_model(make_lora_model, family: str, attention: str = "sdpa"):
@@ -89,7 +89,7 @@ def test_supervised_logits_only_matches_the_full_logits(make_lora_model, trainin
     assert_same(faithful, fast)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "llama", "qwen3"])
 def test_grouped_supervised_rows_match_the_full_logits(make_lora_model, training_dataset, family):
     """Grouped by image (each caption sees the prompt and itself under a [B, 1, L, L] mask), the rows' path of
     transformers' families gives the full logits' loss and gradients too."""

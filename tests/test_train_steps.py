@@ -269,3 +269,18 @@ def test_flop_model_counts_the_last_layer_at_the_logit_positions_only():
     everywhere = len(lengths) * max(lengths)  # the faithful path's logits: every position of the padded batch
     assert full.llm_flops(lengths, everywhere) == truncated.llm_flops(lengths, everywhere)
     assert 0.03 < expected / full.llm_flops(lengths, supervised) < 0.04  # about 1/24 of the LLM's work
+
+
+@pytest.mark.parametrize("llm", ["internlm2", "qwen2", "phi3", "llama", "qwen3"])
+def test_the_flop_model_counts_the_lora_adapters_the_model_has(llm):
+    """Per token, a LoRA adapter costs r x (in + out) multiply-adds: the FLOP model's count is the adapters'
+    parameter count, for fused and separate projections and for Qwen3's heads wider than its hidden size."""
+    from internvl_chat.train.flops import FlopModel
+
+    generation = "3.5" if llm == "qwen3" else "2"
+    model = InternVLChatModel(InternVLChatConfig(**tiny_config_dict(llm=llm, vocab_size=300, generation=generation)))
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
+    adapters = sum(parameter.numel() for name, parameter in model.named_parameters() if "lora_" in name)
+    assert FlopModel.from_config(model.config, lora_rank=8).lora_params == adapters

@@ -17,10 +17,15 @@ WEIGHT_FILES = (
 
 # The LLM architectures InternVLChatConfig builds (its LLM_CONFIG_CLASSES; a test holds the two equal), and ones
 # known to exist in InternVL checkpoints that this repository does not run, with what they are.
-LLM_ARCHITECTURES = ("InternLM2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM")
+LLM_ARCHITECTURES = (
+    "InternLM2ForCausalLM",
+    "LlamaForCausalLM",
+    "Phi3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 UNSUPPORTED_LLM_ARCHITECTURES = {
     "InternLM3ForCausalLM": "InternLM3 (InternVL3-9B with an InternLM3 LLM config)",
-    "Qwen3ForCausalLM": "Qwen3 (InternVL3.5)",
     "Qwen3MoeForCausalLM": "Qwen3 MoE (InternVL3.5-30B-A3B, -241B-A28B)",
     "GptOssForCausalLM": "GPT-OSS (InternVL3.5-GPT-OSS-20B)",
 }
@@ -74,12 +79,12 @@ def check_llm_and_template(config: dict, config_file: Path) -> None:
     if architecture in UNSUPPORTED_LLM_ARCHITECTURES:
         raise CheckpointError(
             f"{config_file}: the LLM is {architecture}, {UNSUPPORTED_LLM_ARCHITECTURES[architecture]}, which this "
-            f"repository does not run; it runs {', '.join(LLM_ARCHITECTURES)} (InternVL2, InternVL2.5, InternVL3)"
+            f"repository does not run; it runs {', '.join(LLM_ARCHITECTURES)} (InternVL2, 2.5, 3 and 3.5's dense sizes)"
         )
     if architecture not in LLM_ARCHITECTURES:
         raise CheckpointError(
             f"{config_file}: llm_config.architectures names {architecture!r}, an LLM this repository does not know; "
-            f"it runs {', '.join(LLM_ARCHITECTURES)} (is this an InternVL2/2.5/3 checkpoint?)"
+            f"it runs {', '.join(LLM_ARCHITECTURES)} (is this an InternVL2/2.5/3/3.5 checkpoint?)"
         )
     template = config.get("template")
     if template not in conv_templates:

@@ -391,6 +391,47 @@ PRESETS.update(
 )
 
 
+# ----------------------------------------------------------------------------------------------- InternVL3.5 (dense)
+
+# InternVL3.5's dense LLMs are Qwen3 (head_dim 128, each head's query and key RMS-normed). The shapes are the Qwen3
+# bases' (unverified for InternVL3.5: no config.json of it was read); the vocabulary is Qwen3's 151669 tokens and
+# the nine InternVL tokens (<IMG_CONTEXT> 151671, as InternVL3.5's converted configs name it); the head untied as in
+# every InternVL generation before.
+QWEN3_VOCAB = 151678
+
+
+def qwen3_llm(hidden: int, intermediate: int, layers: int, heads: int) -> dict:
+    return dict(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=QWEN3_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=40960,
+        attention_bias=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=False,
+    )
+
+
+PRESETS.update(
+    {
+        "InternVL3_5-1B": _internvl2_5(VIT_300M_V2_5, qwen3_llm(1024, 3072, 28, 16)),
+        "InternVL3_5-2B": _internvl2_5(VIT_300M_V2_5, qwen3_llm(2048, 6144, 28, 16)),
+        "InternVL3_5-4B": _internvl2_5(VIT_300M_V2_5, qwen3_llm(2560, 9728, 36, 32)),
+        "InternVL3_5-8B": _internvl2_5(VIT_300M_V2_5, qwen3_llm(4096, 12288, 36, 32)),
+        "InternVL3_5-14B": _internvl2_5(VIT_300M_V2_5, qwen3_llm(5120, 17408, 40, 40)),
+        "InternVL3_5-38B": _internvl2_5(VIT_6B_V2_5, qwen3_llm(5120, 25600, 64, 64)),
+    }
+)
+
+
 def preset_config_dict(name: str) -> dict:
     """A full InternVLChatConfig dict for one of the sizes (a deep copy; safe to modify)."""
     if name not in PRESETS:

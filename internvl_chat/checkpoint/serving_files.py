@@ -54,6 +54,7 @@ CHAT_TEMPLATES = {
 STOP_TOKENS = {
     "InternLM2ForCausalLM": ("<|im_end|>", "<|im_start|>"),
     "Qwen2ForCausalLM": ("<|im_start|>", "<|im_end|>"),
+    "Qwen3ForCausalLM": ("<|im_start|>", "<|im_end|>"),  # as the Qwen2.5 generations'; the 3.5 files not seen
     "Phi3ForCausalLM": ("</s>", "<|endoftext|>", "<|end|>"),
 }
 

@@ -17,7 +17,7 @@ from ..checkpoint.serving_files import complete_checkpoint_files
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
-from .tokenizer import build_tiny_qwen2_tokenizer, build_tiny_tokenizer
+from .tokenizer import QWEN3_SPECIAL_TOKENS, build_tiny_qwen2_tokenizer, build_tiny_tokenizer
 from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 
 LLM_TYPES = {
@@ -25,6 +25,7 @@ LLM_TYPES = {
     "qwen2": ("Qwen2ForCausalLM", "Hermes-2"),
     "phi3": ("Phi3ForCausalLM", "phi3-chat"),
     "llama": ("LlamaForCausalLM", "Hermes-2"),
+    "qwen3": ("Qwen3ForCausalLM", "internvl2_5"),
 }
 VIT_TYPES = {"300m": VIT_300M, "6b": VIT_6B}
 # generation -> the LLM families its checkpoints have (the first is the default: the family of its COCO tutorial's
@@ -33,6 +34,7 @@ GENERATIONS = {
     "2": (("internlm2", "qwen2", "phi3", "llama"), None),
     "2.5": (("internlm2", "qwen2"), "internvl2_5"),
     "3": (("qwen2", "internlm2"), "internvl2_5"),
+    "3.5": (("qwen3",), "internvl2_5"),
 }
 # phi3-chat's role and end markers, which the InternLM2-style tiny tokenizer lacks.
 PHI3_CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -84,6 +86,9 @@ def tiny_config_dict(
         tie_word_embeddings=False,
     )
     llm_config.update(token_ids or {})
+    if llm == "qwen3":
+        # head_dim set apart from hidden / heads, as Qwen3's (1B: 16 heads of 128 over a hidden size of 1024)
+        llm_config.update(head_dim=2 * llm_hidden // heads, rope_theta=1e6, max_position_embeddings=40960)
     if llm == "qwen2" and generation == "3":
         llm_config.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # as InternVL3-1B's config has it
     if llm == "internlm2":
@@ -176,8 +181,9 @@ def build_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     token_ids = None
-    if like is None and generation != "2" and llm == "qwen2":
-        tokenizer = build_tiny_qwen2_tokenizer(out_dir, tokenizer_corpus(("internvl2_5",)))
+    if like is None and generation != "2" and llm in ("qwen2", "qwen3"):
+        specials = {"qwen3": {"special_tokens": QWEN3_SPECIAL_TOKENS}}.get(llm, {})
+        tokenizer = build_tiny_qwen2_tokenizer(out_dir, tokenizer_corpus(("internvl2_5",)), **specials)
         end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         eos = end_of_text if generation == "3" else tokenizer.convert_tokens_to_ids("<|im_end|>")
         token_ids = dict(bos_token_id=end_of_text, eos_token_id=eos, pad_token_id=None)

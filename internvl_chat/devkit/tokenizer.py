@@ -190,14 +190,18 @@ QWEN2_5_SPECIAL_TOKENS = (
     "<|repo_name|>",
     "<|file_sep|>",
 )
+# Qwen3's four more (151665..151668); the InternVL tokens follow at 151669 in InternVL3.5.
+QWEN3_SPECIAL_TOKENS = QWEN2_5_SPECIAL_TOKENS + ("<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
-def build_tiny_qwen2_tokenizer(out_dir, texts: Iterable[str], vocab_size: int = 640):
+def build_tiny_qwen2_tokenizer(
+    out_dir, texts: Iterable[str], vocab_size: int = 640, special_tokens: Sequence[str] = QWEN2_5_SPECIAL_TOKENS
+):
     """Train a small Qwen2.5-style byte-level BPE tokenizer on ``texts`` and save it to ``out_dir`` as the Qwen2.5
     folders carry it (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json naming Qwen2Tokenizer): no BOS,
-    eos ``<|im_end|>``, pad ``<|endoftext|>``, the 22 Qwen2.5 special tokens right after the learned vocabulary and
-    the nine InternVL tokens after them. Any text encodes (256 byte symbols). Returns the tokenizer re-loaded the
-    way checkpoints load it."""
+    eos ``<|im_end|>``, pad ``<|endoftext|>``, the special tokens (Qwen2.5's 22, or QWEN3_SPECIAL_TOKENS) right
+    after the learned vocabulary and the nine InternVL tokens after them. Any text encodes (256 byte symbols).
+    Returns the tokenizer re-loaded the way checkpoints load it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -212,14 +216,15 @@ def build_tiny_qwen2_tokenizer(out_dir, texts: Iterable[str], vocab_size: int = 
         ]
     )
     model.decoder = decoders.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
-    learned = int(vocab_size) - len(QWEN2_5_SPECIAL_TOKENS)
+    special_tokens = tuple(special_tokens)
+    learned = int(vocab_size) - len(special_tokens)
     trainer = trainers.BpeTrainer(
         vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     model.train_from_iterator(_training_lines(texts), trainer)
-    model.add_special_tokens(list(QWEN2_5_SPECIAL_TOKENS) + list(INTERNVL2_TOKENS))
+    model.add_special_tokens(list(special_tokens) + list(INTERNVL2_TOKENS))
     base = model.get_vocab_size(with_added_tokens=False)
-    for offset, token in enumerate(QWEN2_5_SPECIAL_TOKENS + INTERNVL2_TOKENS):
+    for offset, token in enumerate(special_tokens + INTERNVL2_TOKENS):
         if model.token_to_id(token) != base + offset:
             raise RuntimeError(f"{token} got id {model.token_to_id(token)}, expected {base + offset}")
 

@@ -1,7 +1,7 @@
 """Configuration of InternVLChatModel: a vision config, an LLM config and the fields that join them.
 
 `llm_config` is dispatched on `architectures[0]`, as in the original: InternLM2 uses our own config class,
-Llama, Qwen2 and Phi3 use the transformers ones.
+Llama, Qwen2, Qwen3 (InternVL3.5) and Phi3 use the transformers ones.
 """
 
 import warnings
@@ -33,7 +33,7 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
 
 check_transformers_version()
 
-from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config  # noqa: E402
+from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 from .configuration_intern_vit import InternVisionConfig  # noqa: E402
 from .configuration_internlm2 import InternLM2Config  # noqa: E402
@@ -43,6 +43,7 @@ LLM_CONFIG_CLASSES = {
     "InternLM2ForCausalLM": InternLM2Config,
     "Phi3ForCausalLM": Phi3Config,
     "Qwen2ForCausalLM": Qwen2Config,
+    "Qwen3ForCausalLM": Qwen3Config,
 }
 
 

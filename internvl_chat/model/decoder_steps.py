@@ -39,7 +39,13 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from .fused_kernels import add_then_rms_norm, apply_rotary, rms_norm, silu_times
 
 # The LLM families whose models have decoder steps: the LLMs of the seven InternVL2 sizes.
-DECODER_STEP_ARCHITECTURES = ("InternLM2ForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "LlamaForCausalLM")
+DECODER_STEP_ARCHITECTURES = (
+    "InternLM2ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "LlamaForCausalLM",
+)
 
 
 @dataclass
@@ -134,10 +140,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class TransformersDecoderSteps:
-    """The decoder steps of transformers' Qwen2ForCausalLM, Phi3ForCausalLM or LlamaForCausalLM (the module docstring
-    states the contract). The families differ in two places, read off the modules: Phi-3 projects q, k and v with
-    one fused `qkv_proj` and gate and up with one `gate_up_proj`, and adds its residual dropouts; Qwen2 and Llama
-    have separate projections (Qwen2's with biases). Rotary scaling (Phi-3's long rope, Llama 3's) is the model's
+    """The decoder steps of transformers' Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM or LlamaForCausalLM (the
+    module docstring states the contract). The families differ in three places, read off the modules: Phi-3 projects
+    q, k and v with one fused `qkv_proj` and gate and up with one `gate_up_proj`, and adds its residual dropouts;
+    Qwen2, Qwen3 and Llama have separate projections (Qwen2's with biases); Qwen3 normalises each head's query and
+    key (`q_norm`, `k_norm`) before the rotation. Rotary scaling (Phi-3's long rope, Llama 3's) is the model's
     own rotary embedding's. RMSNorm and SiLU x up run through the fused kernels, which compute transformers'
     formulas with the same rounding."""
 
@@ -152,6 +159,7 @@ class TransformersDecoderSteps:
         self.head_dim = attention.head_dim
         self.fused_qkv = hasattr(attention, "qkv_proj")
         self.fused_gate_up = hasattr(mlp, "gate_up_proj")
+        self.head_norms = hasattr(attention, "q_norm")
         self.silu = self.config.hidden_act == "silu"
         self.window = attention_window(self.config)
         self.sliding = sliding_layers(self.config)
@@ -271,8 +279,11 @@ class TransformersDecoderSteps:
         else:
             q = attention.q_proj(rows.gather(normed) if rows is not None else normed)
             k, v = attention.k_proj(normed), attention.v_proj(normed)
-        q = q.view(batch, q.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, q.shape[1], self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_key_value_heads, self.head_dim)
+        if self.head_norms:  # Qwen3: RMSNorm of every head's query and key, before the rotation
+            q, k = self.norm(attention.q_norm, q), self.norm(attention.k_norm, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 

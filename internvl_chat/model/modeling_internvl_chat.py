@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, LlamaForCausalLM, Phi3ForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaForCausalLM,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available
 
@@ -32,6 +39,7 @@ LLM_CLASSES = {
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 # The original's LoRA targets per LLM family; PEFT matches them as module-name suffixes.
@@ -41,6 +49,7 @@ LLM_LORA_TARGETS = {
     "InternLM2ForCausalLM": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
     "Phi3ForCausalLM": ("mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"),
     "Qwen2ForCausalLM": _SEPARATE_QKV_TARGETS,
+    "Qwen3ForCausalLM": _SEPARATE_QKV_TARGETS,  # the original has none (its 3.5 code lost LoRA): Qwen2's
     "LlamaForCausalLM": _SEPARATE_QKV_TARGETS,
 }
 BACKBONE_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -54,10 +54,17 @@ class FlopModel:
         vision, llm = config.vision_config, config.llm_config
         hidden, inter = llm.hidden_size, llm.intermediate_size
         kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
-        head_dim = hidden // llm.num_attention_heads
-        qkv_out = hidden + 2 * kv_heads * head_dim
-        per_layer = hidden * qkv_out + hidden * hidden + 3 * hidden * inter
-        lora = lora_rank * ((hidden + qkv_out) + 2 * hidden + 2 * (hidden + inter) + (inter + hidden))
+        head_dim = getattr(llm, "head_dim", None) or hidden // llm.num_attention_heads  # Qwen3 sets its own
+        q_width, kv_width = llm.num_attention_heads * head_dim, kv_heads * head_dim
+        qkv_out = q_width + 2 * kv_width
+        per_layer = hidden * qkv_out + q_width * hidden + 3 * hidden * inter
+        # LoRA adds r x (in + out) a targeted linear: fused q/k/v (InternLM2's wqkv, Phi-3's qkv_proj) is one
+        # linear, separate projections three; Phi-3's gate_up_proj is one, the others' gate and up two
+        architecture = (llm.architectures or ["InternLM2ForCausalLM"])[0]
+        fused_qkv = architecture in ("InternLM2ForCausalLM", "Phi3ForCausalLM")
+        qkv_lora = (hidden + qkv_out) if fused_qkv else (3 * hidden + qkv_out)
+        gate_up_lora = (hidden + 2 * inter) if architecture == "Phi3ForCausalLM" else 2 * (hidden + inter)
+        lora = lora_rank * (qkv_lora + (q_width + hidden) + gate_up_lora + (inter + hidden))
         tile = config.tile_size
         return cls(
             vit_hidden=vision.hidden_size,
@@ -74,7 +81,7 @@ class FlopModel:
             llm_trainable=llm_trainable,
             last_layer_at_logits=last_layer_at_logits,
             qkv_params=hidden * qkv_out,
-            qkv_lora_params=lora_rank * (hidden + qkv_out),
+            qkv_lora_params=lora_rank * qkv_lora,
         )
 
     def vision_flops(self, tiles: int) -> float:
