@@ -5,6 +5,7 @@ python tools/make_tiny_model.py pretrained/InternVL2-tiny                 # tiny
 python tools/make_tiny_model.py OUT --llm qwen2 --vit 6b                  # other LLM / ViT families
 python tools/make_tiny_model.py OUT --version 2.5                         # InternVL2.5 (InternLM2.5, internvl2_5)
 python tools/make_tiny_model.py OUT --version 3                           # InternVL3 (Qwen2.5 and its tokenizer)
+python tools/make_tiny_model.py OUT --version 3.5                         # InternVL3.5 (Qwen3 and its tokenizer)
 python tools/make_tiny_model.py OUT --like InternVL2-2B --dtype bfloat16  # random weights at full size
 """
 
@@ -30,7 +31,8 @@ def main() -> None:
     parser.add_argument(
         "--llm",
         choices=sorted(LLM_TYPES),
-        help="LLM family of a tiny model (default: the generation's 2B's: internlm2 for 2 and 2.5, qwen2 for 3)",
+        help="LLM family of a tiny model (default: the generation's 2B's: internlm2 for 2 and 2.5, qwen2 for 3, qwen3 "
+        "for 3.5)",
     )
     parser.add_argument("--vit", choices=sorted(VIT_TYPES), default="300m", help="InternViT variant of a tiny model")
     parser.add_argument("--like", choices=sorted(PRESETS), help="random weights with this model's full shapes")
