@@ -252,3 +252,26 @@ def test_the_lora_line_of_the_internvl3_5_2b_shape_is_the_count_its_config_gives
     model.wrap_llm_lora(r=rank, lora_alpha=2 * rank, lora_dropout=0.05)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected == 139_460_608
     assert f"trainable params: {expected:,} || all params: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "qwen3"])
+def test_the_head_is_tied_only_where_the_generations_code_ties_it(llm, tmp_path):
+    """InternVL2/2.5/3 store the LM head apart from the embeddings whatever the LLM's config says; InternVL3.5's
+    code takes the Qwen3 LLM's own tie_word_embeddings, so a tied 3.5 folder (no lm_head weights) loads tied, not
+    with a head left at random."""
+    from safetensors import safe_open
+
+    from internvl_chat.devkit.checkpoint import tiny_config_dict
+    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
+
+    generation = "3.5" if llm == "qwen3" else "3"
+    fields = tiny_config_dict(llm=llm, vocab_size=700, image_size=224, generation=generation)
+    fields["llm_config"]["tie_word_embeddings"] = True
+    model = InternVLChatModel(InternVLChatConfig(**fields))
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        head_stored = any(key.endswith("lm_head.weight") for key in weights.keys())
+    loaded = InternVLChatModel.from_pretrained(tmp_path).language_model
+    tied = loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert (tied, head_stored) == ((True, False) if llm == "qwen3" else (False, True))
+    assert json.loads((tmp_path / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is tied

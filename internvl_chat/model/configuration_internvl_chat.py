@@ -47,6 +47,10 @@ LLM_CONFIG_CLASSES = {
 }
 
 
+# The LLMs whose checkpoints may tie the LM head to the embeddings, as their llm_config says (InternVL3.5's Qwen3).
+TIE_FROM_LLM_CONFIG = ("Qwen3ForCausalLM",)
+
+
 def _modernize_phi3_rope(llm_config: dict) -> dict:
     """Phi-3 checkpoints of 2024 write rope_scaling {"type": "su", short_factor, long_factor}; transformers 5
     calls the same scheme "longrope" and wants original_max_position_embeddings inside the dict."""
@@ -120,10 +124,13 @@ class InternVLChatConfig(PretrainedConfig):
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         kwargs.pop("hidden_size", None)  # always derived from the LLM
-        kwargs["tie_word_embeddings"] = False
+        # InternVL2/2.5/3 store the LM head apart from the embeddings for every size (their code forces it);
+        # InternVL3.5's code takes the Qwen3 LLM's own setting, so a tied head is tied here too
+        tied = self.llm_config.architectures[0] in TIE_FROM_LLM_CONFIG and bool(self.llm_config.tie_word_embeddings)
+        kwargs["tie_word_embeddings"] = tied
         super().__init__(**kwargs)
         self.hidden_size = self.llm_config.hidden_size
-        self.llm_config.tie_word_embeddings = False
+        self.llm_config.tie_word_embeddings = tied
         # The originals map AutoModelForCausalLM to the model too; save_pretrained adds AutoConfig and AutoModel.
         self.auto_map = {
             "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
