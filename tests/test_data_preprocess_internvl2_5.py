@@ -174,11 +174,20 @@ def test_the_verdict_on_a_line_under_the_internvl2_5_rules(tmp_path):
     # a placeholder in an answer is text under internvl2_5, a picture under InternVL2's templates
     line["conversations"][1:] = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "An <image>."}]
     assert read_line(json.dumps(line), tmp_path, rules=RULES).turns[1] == ("gpt", "An <image>.")
-    assert "in the human turns" not in read_line(json.dumps(line), tmp_path).turns[1][1]
+    assert RULES.placeholders(read_line(json.dumps(line), tmp_path, rules=RULES).turns) == 0
+    assert conversation_rules("internlm2-chat").placeholders(read_line(json.dumps(line), tmp_path).turns) == 1
     line["conversations"][1]["value"] = "<image> and <image>?"
     assert "in the human turns" in read_line(json.dumps(line), tmp_path, rules=RULES)
     line["conversations"][0]["from"] = "gpt"
     assert "a system turn before it" in read_line(json.dumps(line), tmp_path, rules=RULES)
+
+
+def test_only_internlm2_chat_strips_values_among_the_internvl2_templates(tmp_path):
+    """The original's preprocess_internlm strips each value; preprocess_mpt (Hermes-2) and preprocess_phi3 do not."""
+    line = {"conversations": [{"from": "human", "value": " What? "}, {"from": "gpt", "value": " A star.\n"}]}
+    for template, question in (("internlm2-chat", "What?"), ("Hermes-2", " What? "), ("phi3-chat", " What? ")):
+        verdict = read_line(json.dumps(line), tmp_path, rules=conversation_rules(template))
+        assert verdict.turns[0] == ("human", question), template
 
 
 def test_the_validator_reads_data_with_the_template_it_is_told(tmp_path, capsys):

@@ -25,7 +25,7 @@ LLM_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 UNSUPPORTED_LLM_ARCHITECTURES = {
-    "InternLM3ForCausalLM": "InternLM3 (InternVL3-9B with an InternLM3 LLM config)",
+    "InternLM3ForCausalLM": "InternLM3 (InternVL3-9B's LLM, if its config names it so)",
     "Qwen3MoeForCausalLM": "Qwen3 MoE (InternVL3.5-30B-A3B, -241B-A28B)",
     "GptOssForCausalLM": "GPT-OSS (InternVL3.5-GPT-OSS-20B)",
 }

@@ -13,8 +13,8 @@ line gets the verdict the fine-tune's dataset gives it (valid JSON, human/gpt or
 alternate, non-empty answers, no <image> placeholders or one per image, every image present; blank lines are
 skipped), and every image of a usable line must open with PIL. Problems are reported as `file:line: reason`; the
 exit status is 1 when there is any. Both --root and --meta may be given together. --conv-style reads the
-conversations as the fine-tune with that --conv_style does (internvl2_5: a leading system turn kept, empty answers
-allowed, <image> counted in human turns only).
+conversations as a fine-tune of a checkpoint with that template does (internvl2_5: a leading system turn kept,
+values as written, empty answers allowed, <image> counted in human turns only).
 """
 
 import argparse
@@ -23,6 +23,7 @@ import sys
 
 from ..data.formats import conversation_rules
 from ..data.validate import Report, validate_meta, validate_root
+from ..model.conversation import conv_templates
 
 
 def print_report(report: Report, max_errors: int, stream=None) -> None:
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--conv-style",
         default="internlm2-chat",
-        help="the fine-tune's --conv_style, whose rules the conversations are read with (default: %(default)s)",
+        choices=sorted(conv_templates),
+        help="the chat template of the checkpoint the data is for (its config.json's `template`, which the fine-tune "
+        "trains with), whose rules the conversations are read with (default: %(default)s)",
     )
     parser.add_argument("--max-errors", type=int, default=20, help="errors to print (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         args.root = "data/coco"
 
     report = Report()
+    rules = conversation_rules(args.conv_style)
     if args.meta:
-        rules = conversation_rules(args.conv_style)
         report.merge(validate_meta(args.meta, args.workers, args.decode, not args.quiet, args.data_root, rules))
     if args.root:
-        report.merge(validate_root(args.root, args.workers, args.decode, not args.quiet))
+        report.merge(validate_root(args.root, args.workers, args.decode, not args.quiet, rules))
     print_report(report, args.max_errors)
     if not report.ok:
         print(f"FAILED: {len(report.errors)} problem(s); first: {report.errors[0]}", file=sys.stderr)

@@ -124,8 +124,9 @@ class ConversationRules:
     """How a template's preprocessing in the original reads a conversation: the one place that says it.
 
     InternVL2's templates (`preprocess_internlm`, `preprocess_mpt`, `preprocess_phi3`) drop a leading system turn
-    for the template's own system message, strip every value, render the whole conversation as one string and
-    count each part's tokens to find the answers; an empty answer breaks that rendering, so it is refused.
+    for the template's own system message, render the whole conversation as one string and count each part's
+    tokens to find the answers; an empty answer breaks that rendering, so it is refused. Only internlm2-chat's
+    strips every value (Hermes-2's and phi3-chat's keep them as written).
     `internvl2_5` (`preprocess_internvl2_5`) keeps a leading system turn's value verbatim as the system message,
     keeps values as written, tokenises turn by turn (so an empty answer is a valid, supervised `<|im_end|>`), and
     expands `<image>` in human turns only: one in an answer is text."""
@@ -136,6 +137,10 @@ class ConversationRules:
     allow_empty_answers: bool
     images_in_answers: bool  # does an <image> in a gpt turn stand for a picture?
     turn_by_turn: bool  # tokenise each turn on its own (else the whole rendered string, counted piecewise)
+
+    def __post_init__(self):
+        if self.turn_by_turn and self.images_in_answers:
+            raise ValueError("turn-by-turn tokenisation expands <image> in human turns only")
 
     def placeholders(self, turns) -> int:
         """How many of the conversation's <image> placeholders stand for pictures."""
@@ -159,7 +164,7 @@ def conversation_rules(template: str) -> ConversationRules:
     return ConversationRules(
         template,
         keep_system_turn=False,
-        strip_values=True,
+        strip_values=template == "internlm2-chat",
         allow_empty_answers=False,
         images_in_answers=True,
         turn_by_turn=False,

@@ -265,8 +265,15 @@ def validate_test_gt(gt_json: Path, test_ids: set[int]) -> Report:
     return report
 
 
-def validate_root(root: str | Path, workers: int = 8, decode: bool = False, show_progress: bool = True) -> Report:
-    """The three Karpathy files under ROOT/annotations and the images they use."""
+def validate_root(
+    root: str | Path,
+    workers: int = 8,
+    decode: bool = False,
+    show_progress: bool = True,
+    rules: ConversationRules = INTERNVL2_RULES,
+) -> Report:
+    """The three Karpathy files under ROOT/annotations and the images they use (the train file's lines under the
+    template's rules)."""
     root = Path(root)
     report = Report()
     if not root.is_dir():
@@ -276,7 +283,9 @@ def validate_root(root: str | Path, workers: int = 8, decode: bool = False, show
         )
         return report
     annotations = root / ANNOTATIONS_FOLDER
-    report.merge(validate_train_jsonl(annotations / KARPATHY_TRAIN_JSONL, root, workers, decode, show_progress))
+    report.merge(
+        validate_train_jsonl(annotations / KARPATHY_TRAIN_JSONL, root, workers, decode, show_progress, rules=rules)
+    )
     test_report, test_ids = validate_test_json(annotations / KARPATHY_TEST_JSON, root, workers, decode, show_progress)
     report.merge(test_report)
     report.merge(validate_test_gt(annotations / KARPATHY_TEST_GT_JSON, test_ids))

@@ -33,7 +33,7 @@ VIT_TYPES = {"300m": VIT_300M, "6b": VIT_6B}
 GENERATIONS = {
     "2": (("internlm2", "qwen2", "phi3", "llama"), None),
     "2.5": (("internlm2", "qwen2"), "internvl2_5"),
-    "3": (("qwen2", "internlm2"), "internvl2_5"),
+    "3": (("qwen2",), "internvl2_5"),
     "3.5": (("qwen3",), "internvl2_5"),
 }
 # phi3-chat's role and end markers, which the InternLM2-style tiny tokenizer lacks.

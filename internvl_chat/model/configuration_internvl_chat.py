@@ -126,7 +126,8 @@ class InternVLChatConfig(PretrainedConfig):
         kwargs.pop("hidden_size", None)  # always derived from the LLM
         # InternVL2/2.5/3 store the LM head apart from the embeddings for every size (their code forces it);
         # InternVL3.5's code takes the Qwen3 LLM's own setting, so a tied head is tied here too
-        tied = self.llm_config.architectures[0] in TIE_FROM_LLM_CONFIG and bool(self.llm_config.tie_word_embeddings)
+        architecture = (self.llm_config.architectures or ["InternLM2ForCausalLM"])[0]
+        tied = architecture in TIE_FROM_LLM_CONFIG and bool(self.llm_config.tie_word_embeddings)
         kwargs["tie_word_embeddings"] = tied
         super().__init__(**kwargs)
         self.hidden_size = self.llm_config.hidden_size

@@ -46,6 +46,7 @@ class FlopModel:
     last_layer_at_logits: bool = False
     qkv_params: int = 0  # per layer: the QKV projection
     qkv_lora_params: int = 0  # per layer: its LoRA adapter
+    attention_width: int = 0  # heads x head_dim (Qwen3's exceed the hidden size); 0: the hidden size
 
     @classmethod
     def from_config(
@@ -82,6 +83,7 @@ class FlopModel:
             last_layer_at_logits=last_layer_at_logits,
             qkv_params=hidden * qkv_out,
             qkv_lora_params=lora_rank * qkv_lora,
+            attention_width=q_width,
         )
 
     def vision_flops(self, tiles: int) -> float:
@@ -95,7 +97,8 @@ class FlopModel:
     def llm_flops(self, sequence_lengths: list[int], logit_positions: int, backward: bool = True) -> float:
         tokens = sum(sequence_lengths)
         forward = 2 * tokens * (self.llm_matmul_params + self.lora_params)
-        forward += sum(2 * n * n * self.llm_hidden for n in sequence_lengths) * self.llm_layers  # causal QK^T + AV
+        width = self.attention_width or self.llm_hidden
+        forward += sum(2 * n * n * width for n in sequence_lengths) * self.llm_layers  # causal QK^T + AV
         forward += 2 * logit_positions * self.llm_hidden * self.vocab_size
         skipped = max(tokens - logit_positions, 0) if self.last_layer_at_logits else 0
         last_layer_rest = self.llm_matmul_params // self.llm_layers - self.qkv_params

@@ -3,8 +3,8 @@
 #   GPUS=8 PER_DEVICE_BATCH_SIZE=4 sh shell/internvl3.0/2nd_finetune/internvl3_9b_dynamic_res_2nd_finetune_full.sh
 # Defaults: 8 GPUs, 4 per GPU, total batch 128 (gradient accumulation 4), ZeRO-1.
 # Hyperparameters: the original's (shell/internvl3.0/2nd_finetune/ of OpenGVLab/InternVL).
-# InternVL3-9B's LLM is InternLM3 with InternLM3's tokenizer, which this repository does not load: the
-# checks before torchrun stop with that message (kept so the original's file names all exist).
+# InternVL3-9B's LLM is InternLM3, not tested here: a folder whose tokenizer is InternLM3's (InternLM3Tokenizer)
+# or whose LLM config names InternLM3ForCausalLM is stopped by the checks before torchrun, with that named.
 # Environment: MODEL, META_PATH, OUTPUT_DIR, DATA_ROOT, and those of shell/launch_finetune.sh (GPUS, BATCH_SIZE,
 # PER_DEVICE_BATCH_SIZE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT). Extra arguments override the flags below.
 set -eu

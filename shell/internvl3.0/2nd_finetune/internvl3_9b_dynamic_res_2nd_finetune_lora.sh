@@ -5,8 +5,8 @@
 # The original has no LoRA launcher for InternVL3: this is its full launcher's recipe (lr, weight decay,
 # 12 tiles, 16384 tokens, ZeRO stage) with the InternVL2.5 LoRA launchers' changes (rank 16, LLM and MLP
 # frozen, no drop path, batch 16 on 2 GPUs; 8 GPUs at batch 1 for the 78B).
-# InternVL3-9B's LLM is InternLM3 with InternLM3's tokenizer, which this repository does not load: the
-# checks before torchrun stop with that message (kept so the original's file names all exist).
+# InternVL3-9B's LLM is InternLM3, not tested here: a folder whose tokenizer is InternLM3's (InternLM3Tokenizer)
+# or whose LLM config names InternLM3ForCausalLM is stopped by the checks before torchrun, with that named.
 # Environment: MODEL, META_PATH, OUTPUT_DIR, DATA_ROOT, and those of shell/launch_finetune.sh (GPUS, BATCH_SIZE,
 # PER_DEVICE_BATCH_SIZE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT). Extra arguments override the flags below.
 set -eu
