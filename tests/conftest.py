@@ -76,20 +76,22 @@ def training_items(training_dataset) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def make_lora_model(tiny_tokenizer):
-    """A tiny InternVL2 of an LLM family with LoRA (r 8, no dropout) on its LLM, B initialised away from zero as
-    after some training (so that A gets gradients too)."""
+    """A tiny InternVL of an LLM family (and generation: InternVL2's, InternVL3.5's for Qwen3) with LoRA (r 8, no
+    dropout) on its LLM, B initialised away from zero as after some training (so that A gets gradients too); its
+    vocabulary and <IMG_CONTEXT> id are the given tokenizer's (default: the tiny InternLM2-style one)."""
     from internvl_chat.devkit.checkpoint import tiny_config_dict
     from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
     from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
 
-    def make(llm: str = "internlm2"):
+    def make(llm: str = "internlm2", generation: str | None = None, tokenizer=None):
+        tokenizer = tokenizer or tiny_tokenizer
         torch.manual_seed(0)
-        generation = "3.5" if llm == "qwen3" else "2"  # Qwen3 LLMs come with InternVL3.5 only
+        generation = generation or ("3.5" if llm == "qwen3" else "2")  # Qwen3 LLMs come with InternVL3.5 only
         config = InternVLChatConfig(
-            **tiny_config_dict(llm=llm, vocab_size=len(tiny_tokenizer), image_size=224, generation=generation)
+            **tiny_config_dict(llm=llm, vocab_size=len(tokenizer), image_size=224, generation=generation)
         )
         model = InternVLChatModel(config)
-        model.img_context_token_id = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
         for parameter in model.parameters():
             parameter.requires_grad = False
         model.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)

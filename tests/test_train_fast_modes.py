@@ -529,16 +529,13 @@ def test_the_launchers_batch_size_decides_the_step_once():
 
 
 @pytest.fixture(scope="module", params=["internlm2", "qwen2"])
-def internvl2_5_world(request, tmp_path_factory, tiny_tokenizer, tiny_qwen2_tokenizer):
+def internvl2_5_world(request, tmp_path_factory, tiny_tokenizer, tiny_qwen2_tokenizer, make_lora_model):
     """InternVL2.5/3 data and model: three synthetic COCO pictures encoded with the internvl2_5 template (its
     turn-by-turn labels, the unsupervised newline after each <|im_end|>) by InternLM2.5's kind of tokenizer or
     Qwen2.5's, and a tiny LoRA model of that LLM family."""
     from internvl_chat.data.dataset import build_datasets
     from internvl_chat.data.preprocess import ConversationTokenizer
-    from internvl_chat.devkit.checkpoint import tiny_config_dict
     from internvl_chat.devkit.coco import make_synthetic_coco
-    from internvl_chat.model.configuration_internvl_chat import InternVLChatConfig
-    from internvl_chat.model.modeling_internvl_chat import InternVLChatModel
 
     family = request.param
     tokenizer = tiny_tokenizer if family == "internlm2" else tiny_qwen2_tokenizer
@@ -546,20 +543,7 @@ def internvl2_5_world(request, tmp_path_factory, tiny_tokenizer, tiny_qwen2_toke
     make_synthetic_coco(root / "coco", train_images=3, test_images=1, seed=2, meta_path=root / "meta.json")
     encoder = ConversationTokenizer(tokenizer, "internvl2_5", 64, 8192)
     dataset = build_datasets(root / "meta.json", encoder, image_size=224, max_dynamic_patch=2)
-    torch.manual_seed(0)
-    generation = "2.5" if family == "internlm2" else "3"
-    config = InternVLChatConfig(
-        **tiny_config_dict(llm=family, vocab_size=len(tokenizer), image_size=224, generation=generation)
-    )
-    lora = InternVLChatModel(config)
-    lora.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    for parameter in lora.parameters():
-        parameter.requires_grad = False
-    lora.wrap_llm_lora(r=8, lora_alpha=16, lora_dropout=0.0)
-    with torch.no_grad():
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.02)
+    lora = make_lora_model(family, "2.5" if family == "internlm2" else "3", tokenizer)
     return with_llm_attention(lora, "sdpa"), dataset
 
 

@@ -312,47 +312,51 @@ INTERNLM2_5_VOCAB = 92553
 
 def qwen2_5_llm(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
     """A Qwen2.5 LLM as the InternVL2.5/3 configs store it (Qwen2 architecture, head untied); `extra` overrides."""
-    llm = dict(
-        architectures=["Qwen2ForCausalLM"],
-        vocab_size=QWEN2_5_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        max_position_embeddings=32768,
-        sliding_window=None,
-        use_sliding_window=False,
-        max_window_layers=70,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        tie_word_embeddings=False,
+    return (
+        dict(
+            architectures=["Qwen2ForCausalLM"],
+            vocab_size=QWEN2_5_VOCAB,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            sliding_window=None,
+            use_sliding_window=False,
+            max_window_layers=70,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            tie_word_embeddings=False,
+        )
+        | extra
     )
-    return {**llm, **extra}
 
 
 def internlm2_5_llm(hidden: int, intermediate: int, layers: int, heads: int, **extra) -> dict:
-    """An InternLM2.5 chat LLM (InternLM2 architecture, 8 key/value heads)."""
-    return dict(
-        architectures=["InternLM2ForCausalLM"],
-        vocab_size=INTERNLM2_5_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=8,
-        rms_norm_eps=1e-5,
-        rope_theta=extra.pop("rope_theta", 1e6),
-        rope_scaling=extra.pop("rope_scaling", {"type": "dynamic", "factor": 2.0}),
-        max_position_embeddings=32768,
-        bias=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        **extra,
+    """An InternLM2.5 chat LLM (InternLM2 architecture, 8 key/value heads); `extra` overrides."""
+    return (
+        dict(
+            architectures=["InternLM2ForCausalLM"],
+            vocab_size=INTERNLM2_5_VOCAB,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=8,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            rope_scaling={"type": "dynamic", "factor": 2.0},
+            max_position_embeddings=32768,
+            bias=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        )
+        | extra
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import transformers
 
-from ..model.conversation import INTERNVL2_5_SYSTEM_MESSAGE
+from ..model.conversation import get_conv_template
 
 INTERNLM2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -38,12 +38,26 @@ PHI3_CHAT_TEMPLATE = (
     "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif (message['role'] == 'assistant') %}"
     "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
 )
-INTERNVL2_5_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    + INTERNVL2_5_SYSTEM_MESSAGE
-    + "<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+
+
+def _chatml_chat_template(template_name: str) -> str:
+    """A ChatML chat_template giving the prompt the conversation template renders (model/conversation.py, the one
+    place for its strings): its system block unless the messages bring one, each message closed by its separator,
+    and the assistant header as the generation prompt."""
+    template = get_conv_template(template_name)
+    system = template.system_template.format(system_message=template.system_message) + template.sep
+    return (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+        + repr(system)
+        + " }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        + repr(template.sep)
+        + " }}{% endfor %}{% if add_generation_prompt %}{{ "
+        + repr(template.roles[1])
+        + " }}{% endif %}"
+    )
+
+
+INTERNVL2_5_CHAT_TEMPLATE = _chatml_chat_template("internvl2_5")
 CHAT_TEMPLATES = {
     "InternLM2ForCausalLM": INTERNLM2_CHAT_TEMPLATE,
     "Qwen2ForCausalLM": QWEN2_CHAT_TEMPLATE,

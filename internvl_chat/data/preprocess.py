@@ -70,10 +70,20 @@ class ConversationTokenizer:
         template = get_conv_template(template_name)
         self.user_role, self.assistant_role = template.roles
         self.sep = template.sep
+        self.system_template = template.system_template
         self.bos_id = tokenizer.bos_token_id
+        self.header_length = self._count(self.assistant_role)  # the assistant header's tokens, masked in answers
+        self._default_system_ids: list[int] | None = None  # the template's system piece, tokenised once
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _system_ids(self, system_message: str) -> list[int]:
+        return self._piece_ids(self.system_template.format(system_message=system_message) + self.sep)
+
+    def _piece_ids(self, text: str) -> list[int]:
+        """Tokens of `text` tokenised alone, without the BOS the tokenizer prepends."""
+        return self._ids(text)[1 if self.add_bos else 0 :]
 
     def _count(self, text: str) -> int:
         """Tokens of `text` without the BOS the tokenizer prepends (the original's len(tok(x)) - 1)."""
@@ -151,18 +161,18 @@ class ConversationTokenizer:
     ) -> tuple[list[int], list[int]]:
         """The original's preprocess_internvl2_5: the system message and each turn tokenised on its own and
         concatenated; in an answer, its assistant header and the newline after its `<|im_end|>` are masked."""
-        template = get_conv_template(self.template_name)
-        pieces = [("system", template.system_template.format(system_message=self._system_message(system)) + self.sep)]
+        if system is None and self._default_system_ids is None:  # the same for every line without its own
+            self._default_system_ids = self._system_ids(self._system_message(None))
+        system_ids = self._default_system_ids if system is None else self._system_ids(system)
+        ids = ([self.bos_id] if self.add_bos else []) + system_ids
+        labels = [IGNORE_INDEX] * len(ids)
+        header, images = self.header_length, 0
         for role, text in turns:
-            if role == "human":
-                pieces.append((role, self.user_role + text.replace(IMAGE_PLACEHOLDER, COLLAPSED_IMAGE) + self.sep))
+            if role == "human":  # <image> stands for a picture in questions only
+                piece = self.user_role + text.replace(IMAGE_PLACEHOLDER, COLLAPSED_IMAGE) + self.sep
             else:
-                pieces.append((role, self.assistant_role + text + self.sep))
-        header = self._count(self.assistant_role)
-        ids, labels = ([self.bos_id], [IGNORE_INDEX]) if self.add_bos else ([], [])
-        images = 0
-        for role, piece in pieces:
-            piece_ids = self._ids(piece)[1 if self.add_bos else 0 :]
+                piece = self.assistant_role + text + self.sep
+            piece_ids = self._piece_ids(piece)
             used = piece_ids.count(self.context_id)
             piece_ids = self._expand_images(piece_ids, num_tiles[images : images + used])
             images += used

@@ -17,7 +17,7 @@ from ..checkpoint.serving_files import complete_checkpoint_files
 from ..model.configuration_internvl_chat import InternVLChatConfig
 from ..model.conversation import get_conv_template
 from ..model.modeling_internvl_chat import InternVLChatModel
-from .tokenizer import QWEN3_SPECIAL_TOKENS, build_tiny_qwen2_tokenizer, build_tiny_tokenizer
+from .tokenizer import QWEN2_5_SPECIAL_TOKENS, QWEN3_SPECIAL_TOKENS, build_tiny_qwen2_tokenizer, build_tiny_tokenizer
 from .vocabulary import CAPTION_PROMPT, base_model_sentences, vocabulary_sentences
 
 LLM_TYPES = {
@@ -182,8 +182,8 @@ def build_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     token_ids = None
     if like is None and generation != "2" and llm in ("qwen2", "qwen3"):
-        specials = {"qwen3": {"special_tokens": QWEN3_SPECIAL_TOKENS}}.get(llm, {})
-        tokenizer = build_tiny_qwen2_tokenizer(out_dir, tokenizer_corpus(("internvl2_5",)), **specials)
+        specials = QWEN3_SPECIAL_TOKENS if llm == "qwen3" else QWEN2_5_SPECIAL_TOKENS
+        tokenizer = build_tiny_qwen2_tokenizer(out_dir, tokenizer_corpus(("internvl2_5",)), special_tokens=specials)
         end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         eos = end_of_text if generation == "3" else tokenizer.convert_tokens_to_ids("<|im_end|>")
         token_ids = dict(bos_token_id=end_of_text, eos_token_id=eos, pad_token_id=None)
